@@ -74,6 +74,8 @@ class ArchitectureInfo:
     layer_types: tuple[str, ...] = field(default_factory=tuple)
     # Canonical module path prefix of the blocks in the checkpoint ("model.layers", "transformer.h").
     block_prefix: str = "model.layers"
+    # Components the model's code can capture; None means all that the architecture has.
+    offered: Optional[tuple[str, ...]] = None
 
 
 def key_positions(cache: Any, n_keys: int, n_new: int) -> mx.array:

@@ -1,0 +1,272 @@
+"""Hook requests and how their names resolve to capture sites.
+
+A request names a layer (`5`, `layers.5`, `model.layers.5`, `transformer.h.5`,
+`blocks.5`, a module path such as `model.layers.5.self_attn`) and a component, or
+gives a TransformerLens hook name (`blocks.5.attn.hook_pattern`) that implies both.
+Each request resolves to a site of the model's code (see models/base.py) and a hook id.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Union
+
+from ..models.base import ArchitectureInfo
+from .components import ComponentType
+
+
+class HookSpecError(ValueError):
+    """An activation hook request that names no valid hook point; says what is valid."""
+
+    def __init__(self, message: str, param: str = "activation_hooks") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ActivationHookSpec:
+    """A request to capture `component` of `layer_name` (its output, input, or both)."""
+
+    layer_name: Union[str, int]
+    component: Optional[Union[str, ComponentType]] = None
+    hook_id: Optional[str] = None
+    capture_input: bool = False
+    capture_output: bool = True
+
+    @classmethod
+    def from_any(cls, spec: Union["ActivationHookSpec", dict[str, Any], str]) -> "ActivationHookSpec":
+        if isinstance(spec, ActivationHookSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls(layer_name=spec)
+        if not isinstance(spec, dict):
+            raise HookSpecError(f"A hook spec is a dict like {{'layer_name': 5, 'component': 'residual'}}, got {spec!r}.")
+        unknown = set(spec) - {"layer_name", "component", "hook_id", "capture_input", "capture_output", "layer"}
+        if unknown:
+            raise HookSpecError(
+                f"Unknown hook spec field(s) {sorted(unknown)}; valid: layer_name, component, hook_id, "
+                "capture_input, capture_output."
+            )
+        layer_name = spec.get("layer_name", spec.get("layer"))
+        if layer_name is None:
+            raise HookSpecError("A hook spec needs 'layer_name' (e.g. 5, 'model.layers.5', 'embedding').")
+        for flag in ("capture_input", "capture_output"):
+            if flag in spec and not isinstance(spec[flag], bool):
+                raise HookSpecError(f"'{flag}' must be true or false, got {spec[flag]!r}.")
+        if spec.get("hook_id") is not None and not isinstance(spec["hook_id"], str):
+            raise HookSpecError(f"'hook_id' must be a string, got {spec['hook_id']!r}.")
+        return cls(
+            layer_name=layer_name,
+            component=spec.get("component"),
+            hook_id=spec.get("hook_id"),
+            capture_input=spec.get("capture_input", False),
+            capture_output=spec.get("capture_output", True),
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedHook:
+    """One capture: hook id, the site in the model code, and its wire metadata."""
+
+    hook_id: str
+    site: str  # HookPoint name: "embedding", "final_norm" or "layers.{i}.{site}"
+    layer: Optional[int]
+    layer_name: str  # canonical: "layers.{i}", "embedding" or "final_norm"
+    component: ComponentType
+    is_input: bool
+
+
+C = ComponentType
+
+# (component, is_input) -> site inside a block
+BLOCK_SITE_OF: dict[tuple[ComponentType, bool], str] = {
+    (C.RESIDUAL, False): "residual",
+    (C.RESIDUAL, True): "resid_pre",
+    (C.ATTENTION, False): "attention",
+    (C.ATTENTION, True): "layernorm",
+    (C.MLP, False): "mlp",
+    (C.MLP, True): "mlp_in",
+    (C.LAYERNORM, False): "layernorm",
+    (C.LAYERNORM, True): "resid_pre",
+    (C.QUERY, False): "query",
+    (C.KEY, False): "key",
+    (C.VALUE, False): "value",
+    (C.ATTENTION_SCORES, False): "attention_scores",
+    (C.ATTENTION_PATTERN, False): "attention_pattern",
+    (C.Z, False): "z",
+    (C.ROUTER, False): "router",
+}
+
+# TransformerLens names (after `blocks.{i}.`) -> (component, is_input)
+TRANSFORMERLENS_BLOCK_ALIASES: dict[str, tuple[ComponentType, bool]] = {
+    "hook_resid_pre": (C.RESIDUAL, True),
+    "hook_resid_post": (C.RESIDUAL, False),
+    "hook_attn_out": (C.ATTENTION, False),
+    "hook_mlp_out": (C.MLP, False),
+    "hook_mlp_in": (C.MLP, True),
+    "ln1.hook_normalized": (C.LAYERNORM, False),
+    "attn.hook_q": (C.QUERY, False),
+    "attn.hook_k": (C.KEY, False),
+    "attn.hook_v": (C.VALUE, False),
+    "attn.hook_z": (C.Z, False),
+    "attn.hook_attn_scores": (C.ATTENTION_SCORES, False),
+    "attn.hook_pattern": (C.ATTENTION_PATTERN, False),
+    "mlp.hook_router": (C.ROUTER, False),
+}
+EMBEDDING_NAMES = {"embedding", "embed", "hook_embed", "embed_tokens", "model.embed_tokens", "transformer.wte", "wte"}
+FINAL_NORM_NAMES = {"final_norm", "norm", "model.norm", "ln_final", "ln_final.hook_normalized", "transformer.ln_f", "ln_f"}
+LAYER_PREFIXES = ("model.layers.", "transformer.h.", "layers.", "blocks.", "h.", "model.model.layers.")
+# Module-path suffixes that only say which part of the block is meant.
+MODULE_SUFFIXES = {
+    "self_attn", "attn", "mlp", "input_layernorm", "post_attention_layernorm", "ln_1", "ln_2",
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "attn.c_attn", "attn.c_proj",
+}
+
+_LAYER_RE = re.compile(r"^(\d+)(?:\.(.+))?$")
+
+
+def _component(value: Union[str, ComponentType, None], valid: Iterable[ComponentType]) -> Optional[ComponentType]:
+    if value is None:
+        return None
+    try:
+        return ComponentType(value)
+    except ValueError:
+        names = ", ".join(c.value for c in valid)
+        raise HookSpecError(f"Unknown component {value!r}; valid components for this model: {names}.") from None
+
+
+def valid_names_hint(info: ArchitectureInfo) -> str:
+    last = info.num_layers - 1
+    return (
+        f"valid layer names: 0..{last}, 'layers.N', 'model.layers.N', 'transformer.h.N', 'blocks.N' "
+        f"(N in 0..{last}), 'embedding', 'final_norm', or TransformerLens names such as "
+        f"'blocks.N.hook_resid_post', 'blocks.N.attn.hook_pattern', 'hook_embed'"
+    )
+
+
+def _parse_layer(name: Union[str, int], info: ArchitectureInfo) -> tuple[Optional[int], Optional[str], Optional[tuple[ComponentType, bool]]]:
+    """(layer index or None, 'embedding'/'final_norm'/None, component implied by a TL alias)."""
+    if isinstance(name, bool):
+        raise HookSpecError(f"Layer name {name!r} is not a layer; {valid_names_hint(info)}.")
+    if isinstance(name, int):
+        return name, None, None
+    if not isinstance(name, str):
+        raise HookSpecError(f"Layer name must be a string or an integer, got {name!r}.")
+    text = name.strip()
+    if text in EMBEDDING_NAMES:
+        return None, "embedding", (C.EMBEDDING, False) if text == "hook_embed" else None
+    if text in FINAL_NORM_NAMES:
+        implied = (C.LAYERNORM, False) if text == "ln_final.hook_normalized" else None
+        return None, "final_norm", implied
+    rest = text
+    for prefix in LAYER_PREFIXES:
+        if text.startswith(prefix):
+            rest = text[len(prefix) :]
+            break
+    match = _LAYER_RE.match(rest)
+    if not match:
+        raise HookSpecError(f"Unknown layer name {name!r}; {valid_names_hint(info)}.")
+    layer, suffix = int(match.group(1)), match.group(2)
+    if suffix is None or suffix in MODULE_SUFFIXES:
+        return layer, None, None
+    if suffix in TRANSFORMERLENS_BLOCK_ALIASES:
+        return layer, None, TRANSFORMERLENS_BLOCK_ALIASES[suffix]
+    try:  # a canonical hook id used as a name: "layers.5.residual"
+        return layer, None, (ComponentType(suffix), False)
+    except ValueError:
+        raise HookSpecError(f"Unknown hook name {name!r}; {valid_names_hint(info)}.") from None
+
+
+def offered_components(info: ArchitectureInfo, native: bool) -> tuple[ComponentType, ...]:
+    """Components this model's code can capture."""
+    if info.offered is not None:
+        return tuple(ComponentType(c) for c in info.offered)
+    if not native:
+        return (C.EMBEDDING, C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM)
+    comps = [c for c in ComponentType if c is not C.ROUTER]
+    if info.n_experts:
+        comps.append(C.ROUTER)
+    return tuple(comps)
+
+
+def resolve_hook_specs(
+    info: ArchitectureInfo, specs: Iterable[Union[ActivationHookSpec, dict[str, Any], str]], native: bool = True
+) -> list[ResolvedHook]:
+    """Resolve requests to captures; raise HookSpecError (listing what is valid) on any bad one."""
+    offered = offered_components(info, native)
+    resolved: list[ResolvedHook] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(specs):
+        try:
+            spec = ActivationHookSpec.from_any(raw)
+            resolved.extend(_resolve_one(spec, info, offered))
+        except HookSpecError as exc:
+            raise HookSpecError(f"activation_hooks[{index}]: {exc}", param=f"activation_hooks[{index}]") from None
+    for r in resolved:
+        if r.hook_id in seen:
+            raise HookSpecError(f"Hook id {r.hook_id!r} is requested twice; give each hook a distinct hook_id.")
+        seen.add(r.hook_id)
+    return resolved
+
+
+def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tuple[ComponentType, ...]) -> list[ResolvedHook]:
+    layer, special, implied = _parse_layer(spec.layer_name, info)
+    component = _component(spec.component, offered)
+    capture_input, capture_output = spec.capture_input, spec.capture_output
+    if implied is not None:
+        implied_component, implied_input = implied
+        if component is not None and component is not implied_component:
+            raise HookSpecError(
+                f"{spec.layer_name!r} names the {implied_component.value} component but the spec says {component.value!r}."
+            )
+        component = implied_component
+        if implied_input:
+            capture_input, capture_output = True, False
+    if special == "embedding":
+        component = component or C.EMBEDDING
+        if component is not C.EMBEDDING:
+            raise HookSpecError(f"The embedding offers only the 'embedding' component, not {component.value!r}.")
+    if component is None:
+        raise HookSpecError(
+            f"No component given for {spec.layer_name!r}; valid: {', '.join(c.value for c in offered)}."
+        )
+    if component not in offered:
+        raise HookSpecError(
+            f"Component {component.value!r} is not offered by this model; valid: {', '.join(c.value for c in offered)}."
+        )
+    if component is C.EMBEDDING:
+        special = "embedding"
+    if not (capture_input or capture_output):
+        raise HookSpecError("capture_input and capture_output are both false: nothing to capture.")
+
+    if special == "embedding":
+        if capture_input:
+            raise HookSpecError("The embedding has no input tensor to capture (its input is token ids).")
+        return [ResolvedHook(spec.hook_id or "embedding", "embedding", None, "embedding", C.EMBEDDING, False)]
+    if special == "final_norm":
+        if component is not C.LAYERNORM:
+            raise HookSpecError(f"The final norm offers only the 'layernorm' component, not {component.value!r}.")
+        if capture_input:
+            raise HookSpecError(
+                f"The final norm's input is layer {info.num_layers - 1}'s residual output; capture that instead."
+            )
+        return [ResolvedHook(spec.hook_id or "final_norm", "final_norm", None, "final_norm", C.LAYERNORM, False)]
+
+    if not 0 <= layer < info.num_layers:
+        raise HookSpecError(
+            f"Layer {layer} is out of range: this model has {info.num_layers} layers (0..{info.num_layers - 1}).",
+        )
+    out: list[ResolvedHook] = []
+    base_id = spec.hook_id or f"layers.{layer}.{component.value}"
+    for is_input, wanted in ((False, capture_output), (True, capture_input)):
+        if not wanted:
+            continue
+        site = BLOCK_SITE_OF.get((component, is_input))
+        if site is None:
+            raise HookSpecError(f"Component {component.value!r} has no input to capture; set capture_input to false.")
+        hook_id = base_id
+        if is_input:
+            hook_id = f"{base_id}.input" if (capture_output or spec.hook_id is None) else base_id
+        out.append(ResolvedHook(hook_id, f"layers.{layer}.{site}", layer, f"layers.{layer}", component, is_input))
+    return out
