@@ -12,7 +12,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 import tiny_checkpoints as tc  # noqa: E402
+
+# The reference models are tiny: one thread is faster than contending for both cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,302 @@
+"""gpt-oss: attention with sinks over alternating sliding/full layers, YaRN RoPE, and a
+top-k mixture of experts with a clamped SwiGLU.
+
+Module names follow mlx-lm's `gpt_oss.py`, so MLX conversions (mlx-community's 4- and
+8-bit folders) load unchanged; `Model.sanitize` also reads the float layout
+transformers 5 writes and OpenAI's original MXFP4 layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import SwigluOAI
+from mlx_lm.models.base import BaseModelArgs, create_attention_mask
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from ..hooks.hook_point import HookPoint
+from .base import ArchitectureInfo, BlockHooks, attend, make_caches
+from .rope import make_rope, normalize_rope_config
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "gpt_oss"
+    num_hidden_layers: int = 36
+    num_local_experts: int = 128
+    num_experts_per_tok: int = 4
+    vocab_size: int = 201088
+    rms_norm_eps: float = 1e-05
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    head_dim: Optional[int] = 64
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    sliding_window: int = 128
+    rope_theta: float = 150000.0
+    rope_scaling: Optional[dict[str, Any]] = None
+    # transformers 5 writes rope_theta and the scaling here; it wins over the old keys.
+    rope_parameters: Optional[dict[str, Any]] = None
+    max_position_embeddings: int = 131072
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    layer_types: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_parameters, dict) and "rope_theta" in self.rope_parameters:
+            rope = normalize_rope_config({"rope_parameters": self.rope_parameters})
+            self.rope_theta = rope["rope_theta"]
+            self.rope_scaling = rope["rope_scaling"]
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.layer_types is None:
+            # gpt-oss starts with a sliding-window layer and alternates.
+            self.layer_types = [
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
+            ]
+        self.layer_types = list(self.layer_types)
+
+
+def topk(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The k largest logits and their indices, in no particular order (like torch.topk's set)."""
+    indices = mx.stop_gradient(mx.argpartition(logits, kth=-k, axis=-1)[..., -k:])
+    return mx.take_along_axis(logits, indices, axis=-1), indices
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str) -> None:
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.window = args.sliding_window if layer_type == "sliding_attention" else None
+        self.scale = 1.0 / math.sqrt(args.head_dim)
+
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=True)
+        # One learned logit per head that competes in the softmax but carries no value.
+        self.sinks = mx.zeros((self.n_heads,))
+        self.rope = make_rope(self.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Union[None, str, mx.array],
+        cache: Any,
+        hooks: BlockHooks,
+    ) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).swapaxes(1, 2)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).swapaxes(1, 2)
+
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+
+        out = attend(
+            q,
+            k,
+            v,
+            hooks=hooks,
+            cache=cache,
+            scale=self.scale,
+            mask=mask,
+            window=self.window,
+            sinks=self.sinks,
+        )
+        return self.o_proj(out.swapaxes(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """Router, top-k experts, and the routing-weighted sum of their outputs."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.experts_per_token = args.num_experts_per_tok
+        self.router = nn.Linear(args.hidden_size, args.num_local_experts, bias=True)
+        self.experts = SwitchGLU(
+            input_dims=args.hidden_size,
+            hidden_dims=args.intermediate_size,
+            num_experts=args.num_local_experts,
+            activation=SwigluOAI(alpha=args.swiglu_alpha, limit=args.swiglu_limit),
+            bias=True,
+        )
+
+    def route(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        chosen, indices = topk(logits, self.experts_per_token)
+        return indices, mx.softmax(chosen, axis=-1, precise=True)
+
+    def __call__(self, x: mx.array, hooks: BlockHooks) -> mx.array:
+        logits = self.router(x)
+        indices, weights = self.route(logits)
+        edited = hooks.router(logits, experts=indices, weights=weights)
+        if edited is not logits:
+            # An intervention on the router logits changes which experts run.
+            indices, weights = self.route(edited)
+        y = self.experts(x, indices)
+        return (y * weights[..., None]).sum(axis=-2)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer_type = args.layer_types[layer]
+        self.self_attn = Attention(args, self.layer_type)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.hooks = BlockHooks(layer)
+
+    def __call__(self, x: mx.array, mask: Union[None, str, mx.array], cache: Any = None) -> mx.array:
+        hooks = self.hooks
+        x = hooks.resid_pre(x)
+        h = hooks.layernorm(self.input_layernorm(x))
+        x = x + hooks.attention(self.self_attn(h, mask, cache, hooks))
+        m = hooks.mlp_in(self.post_attention_layernorm(x))
+        m = hooks.mlp(self.mlp(m, hooks))
+        return hooks.residual(x + m)
+
+
+class GptOssMoeModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.window = args.sliding_window
+        self.hook_embedding = HookPoint("embedding")
+        self.hook_final_norm = HookPoint("final_norm")
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: Optional[list[Any]] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        x = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        x = self.hook_embedding(x)
+        if cache is None:
+            cache = [None] * len(self.layers)
+
+        # One mask per layer type, made before any cache is updated this step.
+        masks: dict[str, Union[None, str, mx.array]] = {}
+        for layer, c in zip(self.layers, cache):
+            if layer.layer_type not in masks:
+                window = self.window if layer.layer_type == "sliding_attention" else None
+                masks[layer.layer_type] = create_attention_mask(x, c, window_size=window)
+
+        for layer, c in zip(self.layers, cache):
+            x = layer(x, masks[layer.layer_type], c)
+        return self.hook_final_norm(self.norm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = GptOssMoeModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: Optional[list[Any]] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        return self.lm_head(self.model(inputs, cache, input_embeddings))
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Split the experts' fused, interleaved gate/up projection into SwitchGLU's weights.
+
+        Three layouts reach here: MLX conversions (already split, passed through),
+        transformers 5's float tensors (`gate_up_proj` [E, hidden, 2I], used as x @ W),
+        and the original MXFP4 tensors (`*_blocks` [E, out, in/32, 16] FP4 nibbles and
+        `*_scales` [E, out, in/32] E8M0, which are exactly MLX's mxfp4 packing).
+        Gate and up columns alternate: gate = [::2], up = [1::2].
+        """
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if any("experts.gate_proj." in k for k in weights):
+            return weights
+
+        sanitized = {}
+        for k, v in weights.items():
+            if k.endswith("experts.gate_up_proj"):
+                # [E, hidden, 2I] (x @ W) -> [E, I, hidden] per projection.
+                sanitized[k.replace("gate_up_proj", "gate_proj.weight")] = mx.contiguous(v[..., ::2].swapaxes(-1, -2))
+                sanitized[k.replace("gate_up_proj", "up_proj.weight")] = mx.contiguous(v[..., 1::2].swapaxes(-1, -2))
+            elif k.endswith("experts.down_proj"):
+                sanitized[k.replace("down_proj", "down_proj.weight")] = mx.contiguous(v.swapaxes(-1, -2))
+            elif k.endswith("experts.gate_up_proj_blocks") or k.endswith("experts.gate_up_proj_scales"):
+                packed, suffix = _mxfp4_tensor(k, v)
+                base = k.rsplit(".", 1)[0]
+                sanitized[f"{base}.gate_proj.{suffix}"] = mx.contiguous(packed[..., ::2, :])
+                sanitized[f"{base}.up_proj.{suffix}"] = mx.contiguous(packed[..., 1::2, :])
+            elif k.endswith("experts.down_proj_blocks") or k.endswith("experts.down_proj_scales"):
+                packed, suffix = _mxfp4_tensor(k, v)
+                sanitized[f"{k.rsplit('.', 1)[0]}.down_proj.{suffix}"] = packed
+            elif k.endswith("experts.gate_up_proj_bias"):
+                sanitized[k.replace("gate_up_proj_bias", "gate_proj.bias")] = mx.contiguous(v[..., ::2])
+                sanitized[k.replace("gate_up_proj_bias", "up_proj.bias")] = mx.contiguous(v[..., 1::2])
+            elif k.endswith("experts.down_proj_bias"):
+                sanitized[k.replace("down_proj_bias", "down_proj.bias")] = v
+            else:
+                sanitized[k] = v
+        return sanitized
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.model.layers
+
+    def make_cache(self) -> list[Any]:
+        return make_caches(tuple(self.args.layer_types), self.args.sliding_window)
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        points = {"embedding": self.model.hook_embedding}
+        for layer in self.layers:
+            points.update(layer.hooks.points())
+        points["final_norm"] = self.model.hook_final_norm
+        return points
+
+    @property
+    def arch_info(self) -> ArchitectureInfo:
+        a = self.args
+        return ArchitectureInfo(
+            model_type=a.model_type,
+            num_layers=a.num_hidden_layers,
+            d_model=a.hidden_size,
+            n_heads=a.num_attention_heads,
+            n_kv_heads=a.num_key_value_heads,
+            head_dim=a.head_dim,
+            vocab_size=a.vocab_size,
+            n_experts=a.num_local_experts,
+            experts_per_token=a.num_experts_per_tok,
+            sliding_window=a.sliding_window,
+            layer_types=tuple(a.layer_types),
+            block_prefix="model.layers",
+        )
+
+    @property
+    def quant_predicate(self) -> Callable[[str, nn.Module], Union[bool, dict]]:
+        def predicate(path: str, _: nn.Module) -> Union[bool, dict]:
+            # Routing decisions are sensitive; mlx-community conversions keep the router at 8 bits.
+            if path.endswith("router"):
+                return {"group_size": 64, "bits": 8}
+            return True
+
+        return predicate
+
+
+def _mxfp4_tensor(key: str, value: mx.array) -> tuple[mx.array, str]:
+    """An original-layout MXFP4 tensor as MLX's packing: blocks -> uint32 words, scales as is."""
+    if key.endswith("_blocks"):
+        # [..., in/32, 16] bytes -> [..., in/8] words, nibble order unchanged (low nibble first).
+        return value.view(mx.uint32).flatten(-2), "weight"
+    return value, "scales"
