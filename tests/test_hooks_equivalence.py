@@ -28,12 +28,59 @@ RTOL = 1e-4
 DECODE_STEPS = 4  # captures for the prompt plus 3 decode steps
 PROMPT = "def encode(self, obj):\n    return json.dumps(obj, indent=4)\n"
 
+def build_gpt_oss_4bit(path: Path):
+    """A 4-bit MLX conversion of the tiny gpt-oss; its reference gets the dequantized weights."""
+    from mlx_engine.convert import quantize_checkpoint
+
+    float_path, _ = tc.build_gpt_oss(path / "float")
+    return quantize_checkpoint(float_path, path / "q4", bits=4, group_size=32), None
+
+
+def dequantized_gpt_oss_reference(kit: Any, float_path: Path) -> Any:
+    """transformers' GptOss carrying exactly the weights our 4-bit model computes with."""
+    import mlx.core as mx
+
+    reference = tc.load_reference(float_path, "GptOssForCausalLM")
+
+    def weight(module: Any) -> np.ndarray:
+        if hasattr(module, "scales"):
+            w = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits, mode=module.mode)
+        else:
+            w = module.weight
+        return np.array(w.astype(mx.float32))
+
+    state: dict[str, np.ndarray] = {"model.embed_tokens.weight": weight(kit.model.model.embed_tokens), "lm_head.weight": weight(kit.model.lm_head)}
+    for i, layer in enumerate(kit.model.layers):
+        p = f"model.layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            proj = getattr(layer.self_attn, name)
+            state[f"{p}.self_attn.{name}.weight"] = weight(proj)
+            state[f"{p}.self_attn.{name}.bias"] = np.array(proj.bias)
+        state[f"{p}.mlp.router.weight"] = weight(layer.mlp.router)
+        state[f"{p}.mlp.router.bias"] = np.array(layer.mlp.router.bias)
+        experts = layer.mlp.experts
+        gate, up, down = weight(experts.gate_proj), weight(experts.up_proj), weight(experts.down_proj)
+        gate_up = np.empty((gate.shape[0], gate.shape[2], 2 * gate.shape[1]), dtype=np.float32)
+        gate_up[..., ::2], gate_up[..., 1::2] = gate.transpose(0, 2, 1), up.transpose(0, 2, 1)
+        bias = np.empty((gate.shape[0], 2 * gate.shape[1]), dtype=np.float32)
+        bias[..., ::2], bias[..., 1::2] = np.array(experts.gate_proj.bias), np.array(experts.up_proj.bias)
+        state[f"{p}.mlp.experts.gate_up_proj"] = gate_up
+        state[f"{p}.mlp.experts.gate_up_proj_bias"] = bias
+        state[f"{p}.mlp.experts.down_proj"] = down.transpose(0, 2, 1)
+        state[f"{p}.mlp.experts.down_proj_bias"] = np.array(experts.down_proj.bias)
+    missing = set(reference.state_dict()) - set(state)
+    assert all("norm" in k or "sinks" in k for k in missing), missing
+    reference.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=False)
+    return reference
+
+
 ARCHS: dict[str, tuple[Callable[..., Any], str, str]] = {
     "llama": (lambda p: tc.build_llama(p, "llama"), "LlamaForCausalLM", "llama"),
     "qwen2": (lambda p: tc.build_llama(p, "qwen2"), "Qwen2ForCausalLM", "qwen2"),
     "mistral": (lambda p: tc.build_llama(p, "mistral"), "MistralForCausalLM", "mistral"),
     "gpt2": (tc.build_gpt2, "GPT2LMHeadModel", "gpt2"),
     "gpt_oss": (tc.build_gpt_oss, "GptOssForCausalLM", "gpt_oss"),
+    "gpt_oss_4bit": (build_gpt_oss_4bit, "GptOssForCausalLM", "gpt_oss"),
 }
 
 
@@ -183,9 +230,14 @@ def compare(capture: Any, ref: dict[str, np.ndarray], n_layers: int) -> None:
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def arch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     build, cls_name, module_name = ARCHS[request.param]
-    path, _ = build(tmp_path_factory.mktemp(request.param))
+    root = tmp_path_factory.mktemp(request.param)
+    path, _ = build(root)
     kit = mlx_engine.load_model(path)
-    reference = tc.load_reference(path, cls_name)
+    if request.param == "gpt_oss_4bit":
+        assert kit.config["quantization"]["bits"] == 4
+        reference = dequantized_gpt_oss_reference(kit, root / "float")
+    else:
+        reference = tc.load_reference(path, cls_name)
     return request.param, kit, reference, module_name
 
 
