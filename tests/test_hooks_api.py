@@ -36,6 +36,23 @@ def test_layer_name_forms(gpt_oss_kit, name) -> None:
 
 
 @pytest.mark.parametrize(
+    "name, component",
+    [
+        ("layers.2.mlp", "mlp"),
+        ("layers.2.residual", "residual"),
+        ("model.layers.2.mlp", "mlp"),
+        ("model.layers.2.self_attn", "attention"),
+        ("model.layers.2.input_layernorm", "layernorm"),
+        ("model.layers.2.self_attn.q_proj", "query"),
+    ],
+)
+def test_plain_names_imply_their_component(gpt_oss_kit, name, component) -> None:
+    """A canonical hook id or a module path alone names the module's own output."""
+    (r,) = resolve_hook_specs(gpt_oss_kit, [name])
+    assert (r.hook_id, r.component.value, r.is_input) == (f"layers.2.{component}", component, False)
+
+
+@pytest.mark.parametrize(
     "alias, component, is_input",
     [
         ("blocks.1.hook_resid_post", "residual", False),

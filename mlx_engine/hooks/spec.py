@@ -117,10 +117,15 @@ TRANSFORMERLENS_BLOCK_ALIASES: dict[str, tuple[ComponentType, bool]] = {
 EMBEDDING_NAMES = {"embedding", "embed", "hook_embed", "embed_tokens", "model.embed_tokens", "transformer.wte", "wte"}
 FINAL_NORM_NAMES = {"final_norm", "norm", "model.norm", "ln_final", "ln_final.hook_normalized", "transformer.ln_f", "ln_f"}
 LAYER_PREFIXES = ("model.layers.", "transformer.h.", "layers.", "blocks.", "h.", "model.model.layers.")
-# Module-path suffixes that only say which part of the block is meant.
-MODULE_SUFFIXES = {
-    "self_attn", "attn", "mlp", "input_layernorm", "post_attention_layernorm", "ln_1", "ln_2",
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "attn.c_attn", "attn.c_proj",
+# Module-path suffixes say which part of the block is meant. With an explicit component the
+# component wins (`model.layers.5.self_attn` + `attention_pattern`); without one, the module's own
+# output is meant, so `layers.2.mlp` alone is the MLP output, as in the canonical hook ids.
+MODULE_SUFFIXES: dict[str, Optional[ComponentType]] = {
+    "self_attn": C.ATTENTION, "attn": C.ATTENTION, "mlp": C.MLP,
+    "input_layernorm": C.LAYERNORM, "ln_1": C.LAYERNORM,
+    "post_attention_layernorm": None, "ln_2": None,
+    "self_attn.q_proj": C.QUERY, "self_attn.k_proj": C.KEY, "self_attn.v_proj": C.VALUE,
+    "self_attn.o_proj": C.ATTENTION, "attn.c_attn": None, "attn.c_proj": C.ATTENTION,
 }
 
 _LAYER_RE = re.compile(r"^(\d+)(?:\.(.+))?$")
@@ -145,20 +150,23 @@ def valid_names_hint(info: ArchitectureInfo) -> str:
     )
 
 
-def _parse_layer(name: Union[str, int], info: ArchitectureInfo) -> tuple[Optional[int], Optional[str], Optional[tuple[ComponentType, bool]]]:
-    """(layer index or None, 'embedding'/'final_norm'/None, component implied by a TL alias)."""
+def _parse_layer(
+    name: Union[str, int], info: ArchitectureInfo
+) -> tuple[Optional[int], Optional[str], Optional[tuple[ComponentType, bool]], Optional[ComponentType]]:
+    """(layer index or None, 'embedding'/'final_norm'/None, component implied by a TL alias,
+    component a module path suggests when the spec names none)."""
     if isinstance(name, bool):
         raise HookSpecError(f"Layer name {name!r} is not a layer; {valid_names_hint(info)}.")
     if isinstance(name, int):
-        return name, None, None
+        return name, None, None, None
     if not isinstance(name, str):
         raise HookSpecError(f"Layer name must be a string or an integer, got {name!r}.")
     text = name.strip()
     if text in EMBEDDING_NAMES:
-        return None, "embedding", (C.EMBEDDING, False) if text == "hook_embed" else None
+        return None, "embedding", (C.EMBEDDING, False) if text == "hook_embed" else None, None
     if text in FINAL_NORM_NAMES:
         implied = (C.LAYERNORM, False) if text == "ln_final.hook_normalized" else None
-        return None, "final_norm", implied
+        return None, "final_norm", implied, None
     rest = text
     for prefix in LAYER_PREFIXES:
         if text.startswith(prefix):
@@ -168,12 +176,14 @@ def _parse_layer(name: Union[str, int], info: ArchitectureInfo) -> tuple[Optiona
     if not match:
         raise HookSpecError(f"Unknown layer name {name!r}; {valid_names_hint(info)}.")
     layer, suffix = int(match.group(1)), match.group(2)
-    if suffix is None or suffix in MODULE_SUFFIXES:
-        return layer, None, None
+    if suffix is None:
+        return layer, None, None, None
+    if suffix in MODULE_SUFFIXES:
+        return layer, None, None, MODULE_SUFFIXES[suffix]
     if suffix in TRANSFORMERLENS_BLOCK_ALIASES:
-        return layer, None, TRANSFORMERLENS_BLOCK_ALIASES[suffix]
+        return layer, None, TRANSFORMERLENS_BLOCK_ALIASES[suffix], None
     try:  # a canonical hook id used as a name: "layers.5.residual"
-        return layer, None, (ComponentType(suffix), False)
+        return layer, None, (ComponentType(suffix), False), None
     except ValueError:
         raise HookSpecError(f"Unknown hook name {name!r}; {valid_names_hint(info)}.") from None
 
@@ -211,8 +221,8 @@ def resolve_hook_specs(
 
 
 def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tuple[ComponentType, ...]) -> list[ResolvedHook]:
-    layer, special, implied = _parse_layer(spec.layer_name, info)
-    component = _component(spec.component, offered)
+    layer, special, implied, suggested = _parse_layer(spec.layer_name, info)
+    component = _component(spec.component, offered) or suggested
     capture_input, capture_output = spec.capture_input, spec.capture_output
     if implied is not None:
         implied_component, implied_input = implied
