@@ -1,0 +1,285 @@
+"""Activation wire formats: how a `Capture` travels over HTTP and into files.
+
+A capture on the wire is one JSON object: the metadata of `Capture.metadata()` plus
+`encoding` and `data` (ARCHITECTURE.md, "Wire formats"). Three encodings:
+
+- ``json``: `data` is nested lists of numbers in the array's shape. Every float is
+  written as the shortest decimal that round-trips the value *as a float64*, and every
+  float32/float16/bfloat16 value is exactly a float64, so any JSON parser that reads
+  numbers as doubles (Python, JavaScript, Smalltalk's JSON packages) recovers the
+  stored value bit for bit after a cast back to the stated dtype. A float32-shortest
+  repr would be shorter but forces a decimal -> double -> float double rounding that
+  is not exact in every case. JSON has no literal for infinities or NaN
+  (`attention_scores` holds -inf at masked positions), so those are written as the
+  strings ``"-Infinity"``, ``"Infinity"`` and ``"NaN"``: the spellings JavaScript's
+  `String(x)` produces and Python's `float()` and `Number()` both parse.
+- ``base64``: `data` is the base64 of the raw little-endian, row-major bytes of the
+  array in its stated dtype; bfloat16 travels as its 16-bit pattern.
+- ``none``: `data` is null; the metadata alone tells what was captured.
+
+Router captures also carry companions (`experts`, `weights`). Each travels under its
+own key as ``{"shape", "dtype", "data"}``, encoded like the main tensor.
+
+Decoding gives numpy arrays. numpy has no bfloat16, and pulling in `ml_dtypes` for a
+type most consumers immediately upcast is not worth a dependency, so bfloat16 decodes
+to float32: exact, since every bfloat16 is a float32 whose low 16 bits are zero.
+
+Whole captures go to files as safetensors written by MLX itself (bfloat16 survives
+exactly); each tensor's wire metadata sits in the header as a JSON string.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_engine.hooks.capture import Capture
+
+FORMATS: tuple[str, ...] = ("json", "base64", "none")
+
+# Strings that stand for the float values JSON cannot spell.
+NONFINITE_STRINGS: dict[str, float] = {
+    "Infinity": float("inf"),
+    "-Infinity": float("-inf"),
+    "NaN": float("nan"),
+}
+
+# Header key holding the caller's own metadata in a safetensors file.
+SAFETENSORS_USER_METADATA_KEY = "user_metadata"
+
+ArrayLike = Union[mx.array, np.ndarray]
+
+
+class EncodingError(ValueError):
+    """An unknown format, an unsupported dtype, or data that does not match its shape."""
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise EncodingError(
+            f"unknown activation_format {fmt!r}; expected one of {', '.join(FORMATS)}"
+        )
+
+
+def dtype_name(array: ArrayLike) -> str:
+    """The wire name of an array's dtype (`float32`, `bfloat16`, `uint32`, ...)."""
+    if isinstance(array, mx.array):
+        return str(array.dtype).replace("mlx.core.", "")
+    return np.dtype(array.dtype).name
+
+
+def to_numpy(array: ArrayLike) -> np.ndarray:
+    """The array as numpy with its bytes unchanged; bfloat16 comes back as its uint16 pattern.
+
+    numpy cannot hold bfloat16, so the MLX array is reinterpreted as uint16 first: the
+    bits are what the base64 encoding sends.
+    """
+    if isinstance(array, mx.array):
+        if array.dtype == mx.bfloat16:
+            array = array.view(mx.uint16)
+        return np.asarray(array)
+    return np.asarray(array)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    """The little-endian numpy dtype that carries wire dtype `name` (bfloat16 as uint16)."""
+    if name == "bfloat16":
+        return np.dtype("<u2")
+    try:
+        dt = np.dtype(name)
+    except TypeError as exc:
+        raise EncodingError(f"unsupported dtype {name!r}") from exc
+    if dt.kind not in "fiub":
+        raise EncodingError(f"unsupported dtype {name!r}")
+    return dt.newbyteorder("<") if dt.itemsize > 1 else dt
+
+
+def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns to float32: the pattern is the float32's high half."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Narrow float32 values that are exactly bfloat16 back to their 16-bit patterns."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    if np.any(bits & 0xFFFF):
+        raise EncodingError("values are not exactly representable as bfloat16")
+    return (bits >> 16).astype(np.uint16)
+
+
+def _json_values(raw: np.ndarray, dtype: str) -> Any:
+    """Nested lists of Python numbers; non-finite floats become their string spellings."""
+    if dtype == "bfloat16":
+        raw = _bf16_bits_to_float32(raw)
+    if raw.dtype.kind != "f":
+        return raw.tolist()
+    wide = raw.astype(np.float64)
+    finite = np.isfinite(wide)
+    if finite.all():
+        return wide.tolist()
+    spelled = wide.astype(object)
+    spelled[np.isposinf(wide)] = "Infinity"
+    spelled[np.isneginf(wide)] = "-Infinity"
+    spelled[np.isnan(wide)] = "NaN"
+    return spelled.tolist()
+
+
+def encode_array(array: ArrayLike, fmt: str) -> dict[str, Any]:
+    """`{"shape", "dtype", "data"}` for one array in wire format `fmt`."""
+    _check_format(fmt)
+    dtype = dtype_name(array)
+    shape = list(array.shape)
+    if fmt == "none":
+        return {"shape": shape, "dtype": dtype, "data": None}
+    raw = to_numpy(array)
+    if fmt == "base64":
+        wire = np.ascontiguousarray(raw, dtype=_numpy_dtype(dtype))
+        data: Any = base64.b64encode(wire.tobytes()).decode("ascii")
+    else:
+        data = _json_values(raw, dtype)
+    return {"shape": shape, "dtype": dtype, "data": data}
+
+
+def encode_capture(capture: Capture, fmt: str) -> dict[str, Any]:
+    """The wire object of one capture: its metadata, `encoding`, `data`, and any extras."""
+    _check_format(fmt)
+    obj = capture.metadata()
+    main = encode_array(capture.array, fmt)
+    obj["encoding"] = fmt
+    obj["data"] = main["data"]
+    for name, extra in capture.extras.items():
+        obj[name] = encode_array(extra, fmt)
+    return obj
+
+
+def decode_array(
+    data: Any, shape: list[int], dtype: str, encoding: str
+) -> Optional[np.ndarray]:
+    """The numpy array behind wire `data`; None for the `none` encoding.
+
+    float32/float16 and integer dtypes decode to themselves; bfloat16 decodes to
+    float32 (exact). A length or shape that disagrees with `shape` is an error, so a
+    truncated transfer cannot pass as a smaller tensor.
+    """
+    _check_format(encoding)
+    if encoding == "none":
+        return None
+    carrier = _numpy_dtype(dtype)
+    shape = [int(s) for s in shape]
+    if encoding == "base64":
+        raw = base64.b64decode(data, validate=True)
+        expected = int(np.prod(shape, dtype=np.int64)) * carrier.itemsize
+        if len(raw) != expected:
+            raise EncodingError(
+                f"base64 data holds {len(raw)} bytes; shape {shape} of {dtype} needs {expected}"
+            )
+        values = np.frombuffer(raw, dtype=carrier).reshape(shape)
+        if dtype == "bfloat16":
+            return _bf16_bits_to_float32(values)
+        return values.astype(carrier.newbyteorder("="), copy=True)
+    if carrier.kind in "iub" and dtype != "bfloat16":
+        values = np.asarray(data, dtype=carrier.newbyteorder("="))
+    else:
+        # numpy parses the "Infinity"/"-Infinity"/"NaN" strings itself when building a
+        # float64 array, so non-finite values need no per-element pass.
+        values = np.asarray(data, dtype=np.float64)
+        target = np.float32 if dtype == "bfloat16" else carrier.newbyteorder("=")
+        values = values.astype(target)
+    if list(values.shape) != shape:
+        if values.size != int(np.prod(shape, dtype=np.int64)):
+            raise EncodingError(f"json data of shape {list(values.shape)} does not match {shape}")
+        values = values.reshape(shape)
+    return values
+
+
+def decode_capture(obj: Mapping[str, Any]) -> Optional[np.ndarray]:
+    """The main tensor of a wire capture as numpy (None when it was sent with `none`)."""
+    return decode_array(obj.get("data"), obj["shape"], obj["dtype"], obj["encoding"])
+
+
+def decode_capture_extras(obj: Mapping[str, Any]) -> dict[str, Optional[np.ndarray]]:
+    """A router capture's companions (`experts`, `weights`, ...) as numpy arrays."""
+    out: dict[str, Optional[np.ndarray]] = {}
+    for key, value in obj.items():
+        if isinstance(value, Mapping) and {"shape", "dtype", "data"} <= value.keys():
+            out[key] = decode_array(value["data"], value["shape"], value["dtype"], obj["encoding"])
+    return out
+
+
+def _tensor_key(hook_id: str, step: int, chunk: int) -> str:
+    return f"{hook_id}/step{step}/chunk{chunk}"
+
+
+def captures_to_safetensors(
+    captures_by_hook: Mapping[str, list[Capture]],
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> bytes:
+    """One safetensors file holding every capture, one tensor per hook, step and chunk.
+
+    Tensor `{hook_id}/step{step}/chunk{i}` is the i-th capture of that hook in that step
+    (the prompt may be prefilled in several chunks); a companion is stored beside it as
+    `.../chunk{i}/{name}`. The header maps each main tensor's name to its wire metadata
+    as a JSON string, and `user_metadata` to the caller's `metadata` as a JSON string.
+    MLX writes the file, so bfloat16 is stored as BF16 without conversion.
+    """
+    arrays: dict[str, mx.array] = {}
+    header: dict[str, str] = {}
+    for hook_id, captures in captures_by_hook.items():
+        chunks: dict[int, int] = {}
+        for capture in captures:
+            if capture.hook_id != hook_id:
+                raise EncodingError(
+                    f"capture of {capture.hook_id!r} listed under hook {hook_id!r}"
+                )
+            chunk = chunks.get(capture.step, 0)
+            chunks[capture.step] = chunk + 1
+            key = _tensor_key(hook_id, capture.step, chunk)
+            arrays[key] = capture.array
+            meta = capture.metadata()
+            meta["extras"] = sorted(capture.extras)
+            for name, extra in capture.extras.items():
+                arrays[f"{key}/{name}"] = extra
+            header[key] = json.dumps(meta)
+    header[SAFETENSORS_USER_METADATA_KEY] = json.dumps(dict(metadata or {}))
+    buffer = io.BytesIO()
+    mx.save_safetensors(buffer, arrays, metadata=header)
+    return buffer.getvalue()
+
+
+def safetensors_to_captures(
+    blob: bytes,
+) -> tuple[dict[str, list[Capture]], dict[str, Any]]:
+    """Read back `captures_to_safetensors`: captures by hook (step order) and the caller's metadata."""
+    arrays, header = mx.load(io.BytesIO(blob), format="safetensors", return_metadata=True)
+    user = json.loads(header.pop(SAFETENSORS_USER_METADATA_KEY, "{}"))
+    captures: dict[str, list[tuple[int, int, Capture]]] = {}
+    for key, text in header.items():
+        meta = json.loads(text)
+        if key not in arrays:
+            raise EncodingError(f"header describes {key!r} but the file has no such tensor")
+        chunk = int(key.rsplit("/chunk", 1)[1])
+        capture = Capture(
+            hook_id=meta["hook_id"],
+            layer_name=meta["layer_name"],
+            layer=meta["layer"],
+            component=meta["component"],
+            step=meta["step"],
+            positions=tuple(meta["positions"]),
+            is_input=meta["is_input"],
+            array=arrays[key],
+            key_positions=meta.get("key_positions"),
+            extras={name: arrays[f"{key}/{name}"] for name in meta.get("extras", [])},
+            edit=meta.get("edit"),
+        )
+        captures.setdefault(capture.hook_id, []).append((capture.step, chunk, capture))
+    ordered = {
+        hook: [c for _, _, c in sorted(items, key=lambda t: (t[0], t[1]))]
+        for hook, items in captures.items()
+    }
+    return ordered, user
