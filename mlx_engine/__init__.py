@@ -13,7 +13,9 @@ from .hooks import (
     StepActivations,
     estimate_capture_bytes,
 )
+from .interventions import InterventionError, resolve_interventions
 from .model_kit import ModelKit, ModelLoadError, chat_tokens, load_model, tokenize
+from .steering import SteeringVector, steering_vector
 
 __version__ = "0.1.0"
 
@@ -26,15 +28,19 @@ __all__ = [
     "ComponentType",
     "GenerationResult",
     "HookSpecError",
+    "InterventionError",
     "ModelKit",
     "ModelLoadError",
     "StepActivations",
+    "SteeringVector",
     "TokenLogprob",
     "chat_tokens",
     "create_generator",
     "create_generator_with_activations",
     "estimate_capture_bytes",
     "load_model",
+    "resolve_interventions",
     "run_with_cache",
+    "steering_vector",
     "tokenize",
 ]

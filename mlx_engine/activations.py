@@ -12,7 +12,7 @@ from .generate import generate_steps
 from .generation_types import GenerationResult
 from .hooks.capture import Capture, StepActivations
 from .hooks.manager import CaptureBudgetError, CaptureSession, HookRequest, _estimate, _param_itemsize
-from .hooks.spec import resolve_hook_specs
+from .interventions import InterventionRequest, ResolvedIntervention, resolve_capture_edits, resolve_interventions
 from .model_kit import ModelKit, tokenize
 
 
@@ -21,27 +21,42 @@ def create_generator_with_activations(
     prompt_tokens: Sequence[int],
     activation_hooks: Iterable[HookRequest] = (),
     *,
+    interventions: Optional[Iterable[InterventionRequest]] = None,
     capture_budget_bytes: Optional[int] = None,
     **generation_kwargs: Any,
 ) -> Iterator[tuple[GenerationResult, StepActivations]]:
     """Stream (result, activations) pairs; activations maps hook id to this step's captures.
 
     The request is validated and its capture size estimated before anything runs, so
-    a bad hook or an over-budget request fails without generating. Captures are
-    evaluated together with the step's logits; nothing is kept after a step is handed out.
+    a bad hook, a bad intervention or an over-budget request fails without generating.
+    `interventions` (see mlx_engine.interventions) edit the model's tensors in the same
+    run: a capture downstream of an edit sees the edited value, and a capture at the
+    edited hook itself sees it "after" the edit unless its spec says `"edit": "before"`.
+    Captures are evaluated together with the step's logits; nothing is kept after a step
+    is handed out.
     """
-    resolved = resolve_hook_specs(kit.arch_info, list(activation_hooks), kit.native)
+    resolved, capture_edits = resolve_capture_edits(kit, list(activation_hooks))
+    edits = resolve_interventions(
+        kit, interventions, prompt_len=len(prompt_tokens), max_tokens=generation_kwargs.get("max_tokens", 256)
+    )
     if capture_budget_bytes is not None:
         estimate = _estimate(
             kit.arch_info, resolved, len(prompt_tokens), generation_kwargs.get("max_tokens", 256), _param_itemsize(kit)
         )
         if estimate > capture_budget_bytes:
             raise CaptureBudgetError(estimate, capture_budget_bytes)
-    return _run(kit, prompt_tokens, resolved, generation_kwargs)
+    return _run(kit, prompt_tokens, resolved, generation_kwargs, edits, capture_edits)
 
 
-def _run(kit: ModelKit, prompt_tokens: Sequence[int], resolved: list, generation_kwargs: dict) -> Iterator[tuple[GenerationResult, StepActivations]]:
-    session = CaptureSession(kit, resolved)
+def _run(
+    kit: ModelKit,
+    prompt_tokens: Sequence[int],
+    resolved: list,
+    generation_kwargs: dict,
+    edits: Sequence[ResolvedIntervention] = (),
+    capture_edits: Optional[dict[str, str]] = None,
+) -> Iterator[tuple[GenerationResult, StepActivations]]:
+    session = CaptureSession(kit, resolved, edits, capture_edits)
     session.arm()
     try:
         yield from generate_steps(kit, prompt_tokens, recorder=session, **generation_kwargs)
@@ -64,14 +79,21 @@ class CacheResult:
 def run_with_cache(
     kit: ModelKit,
     text_or_tokens: Union[str, Sequence[int]],
-    hooks: Iterable[HookRequest],
+    hooks: Iterable[HookRequest] = (),
+    *,
+    interventions: Optional[Iterable[InterventionRequest]] = None,
 ) -> CacheResult:
-    """Run the prompt once (no generation) and return every requested hook's tensor."""
+    """Run the prompt once (no generation) and return every requested hook's tensor.
+
+    With `interventions` the forward runs edited (logits included); captures compose
+    with edits as in create_generator_with_activations.
+    """
     tokens = tokenize(kit, text_or_tokens) if isinstance(text_or_tokens, str) else [int(t) for t in text_or_tokens]
     if not tokens:
         raise ValueError("The prompt is empty: give at least one token.")
-    resolved = resolve_hook_specs(kit.arch_info, list(hooks), kit.native)
-    session = CaptureSession(kit, resolved)
+    resolved, capture_edits = resolve_capture_edits(kit, list(hooks))
+    edits = resolve_interventions(kit, interventions, prompt_len=len(tokens))
+    session = CaptureSession(kit, resolved, edits, capture_edits)
     session.arm()
     try:
         cache = make_prompt_cache(kit.model)

@@ -9,7 +9,7 @@ token that turns out to be the last is never handed out.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -109,14 +109,25 @@ def generate_steps(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs
 
-    def enqueue(token: mx.array, logprobs: mx.array, captures: list[Capture]) -> None:
-        arrays = [token, logprobs]
+    def enqueue(token: mx.array, logprobs: mx.array, captures: list[Capture]) -> tuple[mx.array, ...]:
+        # Everything read back for this token (its logprob, the top alternatives) is built
+        # into this pass's graph: an op made later would queue on the stream behind the
+        # next pass, and reading it would wait for that whole pass.
+        chosen = logprobs[token]
+        picked: tuple[mx.array, ...] = (chosen,)
+        if top_logprobs > 0:
+            k = min(top_logprobs, logprobs.size)
+            ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+            order = mx.argsort(-logprobs[ids])
+            picked = (chosen, ids[order], logprobs[ids][order])
+        arrays = [token, logprobs, *picked]
         for c in captures:
             arrays.append(c.array)
             arrays.extend(c.extras.values())
             if isinstance(c.key_positions, mx.array):
                 arrays.append(c.key_positions)
         mx.async_eval(*arrays)
+        return picked
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -131,8 +142,7 @@ def generate_steps(
     token, logprobs = choose(logits)
     token = token.squeeze(0)
     logprobs = logprobs.squeeze(0)
-    enqueue(token, logprobs, step0)
-    current = (token, logprobs, step0)
+    current = (token, logprobs, step0, enqueue(token, logprobs, step0))
 
     detokenizer = kit.tokenizer.detokenizer
     stopper = StopStringMatcher(stop_strings)
@@ -140,13 +150,12 @@ def generate_steps(
     prompt_tps = 0.0
     gen_tic = tic
     for n in range(max_tokens):
-        token, logprobs, captures = current
+        token, logprobs, captures, picked = current
         if n + 1 < max_tokens:
             next_logits, next_captures = forward(token.reshape(1), n + 1, n_prompt + n)
             next_token, next_logprobs = choose(next_logits)
             next_token, next_logprobs = next_token.squeeze(0), next_logprobs.squeeze(0)
-            enqueue(next_token, next_logprobs, next_captures)
-            current = (next_token, next_logprobs, next_captures)
+            current = (next_token, next_logprobs, next_captures, enqueue(next_token, next_logprobs, next_captures))
         token_id = token.item()
         if n == 0:
             prompt_tps = n_prompt / (time.perf_counter() - tic)
@@ -170,17 +179,13 @@ def generate_steps(
 
         top: list[TokenLogprob] = []
         if top_logprobs > 0:
-            k = min(top_logprobs, logprobs.size)
-            ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
-            vals = logprobs[ids]
-            order = mx.argsort(-vals)
-            top = [TokenLogprob(int(i), float(v)) for i, v in zip(ids[order].tolist(), vals[order].tolist())]
+            top = [TokenLogprob(int(i), float(v)) for i, v in zip(picked[1].tolist(), picked[2].tolist())]
         elapsed = time.perf_counter() - gen_tic
         result = GenerationResult(
             text=text,
             token=token_id,
             step=n,
-            logprob=float(logprobs[token_id].item()),
+            logprob=float(picked[0].item()),
             top_logprobs=top,
             finish_reason=finish,
             prompt_tokens=n_prompt,
@@ -204,12 +209,27 @@ def _group(captures: list[Capture]) -> StepActivations:
 
 
 def create_generator(
-    kit: ModelKit, prompt_tokens: Sequence[int], **generation_kwargs: Any
+    kit: ModelKit, prompt_tokens: Sequence[int], *, interventions: Optional[Iterable[Any]] = None, **generation_kwargs: Any
 ) -> Iterator[GenerationResult]:
     """Stream GenerationResults for a prompt (no captures).
 
     Keyword arguments: max_tokens, temp, top_p, top_k, min_p, seed, stop_strings,
-    top_logprobs, prefill_step_size.
+    top_logprobs, prefill_step_size, and `interventions` (see mlx_engine.interventions),
+    which are checked here, before the first token is asked for.
     """
-    for result, _ in generate_steps(kit, prompt_tokens, **generation_kwargs):
-        yield result
+    interventions = list(interventions or ())
+    if interventions:
+        from .activations import create_generator_with_activations
+
+        steps = create_generator_with_activations(kit, prompt_tokens, (), interventions=interventions, **generation_kwargs)
+    else:
+        steps = generate_steps(kit, prompt_tokens, **generation_kwargs)
+    return _results(steps)
+
+
+def _results(steps: Iterator[tuple[GenerationResult, StepActivations]]) -> Iterator[GenerationResult]:
+    try:
+        for result, _ in steps:
+            yield result
+    finally:
+        steps.close()  # type: ignore[attr-defined]  # disarms an intervention session at once

@@ -21,6 +21,7 @@ from .spec import (
 )
 
 if TYPE_CHECKING:
+    from ..interventions import ResolvedIntervention
     from ..model_kit import ModelKit
 
 C = ComponentType
@@ -119,9 +120,18 @@ class CaptureSession:
 
     Used by the generation loop through `begin_pass`/`end_pass`; the captures of a
     pass are lazy arrays that the loop evaluates together with that pass's logits.
+    A site that an intervention edits runs a chain: captures labelled "before", the
+    edits in request order, then the other captures (labelled "after"); a site with
+    captures only keeps the plain recorder.
     """
 
-    def __init__(self, kit: "ModelKit", resolved: Sequence[ResolvedHook]) -> None:
+    def __init__(
+        self,
+        kit: "ModelKit",
+        resolved: Sequence[ResolvedHook],
+        interventions: Sequence["ResolvedIntervention"] = (),
+        capture_edits: Optional[dict[str, str]] = None,
+    ) -> None:
         self.kit = kit
         self.resolved = list(resolved)
         points = model_hook_points(kit)
@@ -133,6 +143,18 @@ class CaptureSession:
             point = points[r.site]
             self._armed[id(point)] = point
             self._by_point.setdefault(id(point), []).append(r)
+        self._edits: dict[int, list["ResolvedIntervention"]] = {}
+        for edit in interventions:
+            point = points[edit.site]
+            self._armed[id(point)] = point
+            self._edits.setdefault(id(point), []).append(edit)
+        labels = capture_edits or {}
+        self._before: dict[int, list[ResolvedHook]] = {}
+        self._after: dict[int, list[ResolvedHook]] = {}
+        for key in self._edits:
+            for r in self._by_point.get(key, []):
+                side = self._before if labels.get(r.hook_id, "after") == "before" else self._after
+                side.setdefault(key, []).append(r)
         self._pass: Optional[_PassState] = None
         self._buffer: list[Capture] = []
 
@@ -140,7 +162,24 @@ class CaptureSession:
         state = self._pass
         if state is None:  # a forward outside a bracketed pass (e.g. a warm-up): not ours to keep
             return x
-        for r in self._by_point[id(hp)]:
+        self._collect(self._by_point[id(hp)], x, context, state, None)
+        return x
+
+    def _edit(self, hp: HookPoint, x: mx.array, context: dict[str, Any]) -> mx.array:
+        state = self._pass
+        if state is None:
+            return x
+        key = id(hp)
+        self._collect(self._before.get(key, ()), x, context, state, "before")
+        for edit in self._edits[key]:
+            x = edit.apply(x, state.start, state.end)
+        self._collect(self._after.get(key, ()), x, context, state, "after")
+        return x
+
+    def _collect(
+        self, hooks: Iterable[ResolvedHook], x: mx.array, context: dict[str, Any], state: _PassState, edit: Optional[str]
+    ) -> None:
+        for r in hooks:
             extras: dict[str, mx.array] = {}
             if r.component is C.ROUTER:
                 extras = {"experts": context["experts"][0], "weights": context["weights"][0]}
@@ -156,9 +195,9 @@ class CaptureSession:
                     array=x[0],
                     key_positions=context.get("key_positions"),
                     extras=extras,
+                    edit=edit,
                 )
             )
-        return x
 
     def arm(self) -> None:
         for point in self._armed.values():
@@ -167,12 +206,12 @@ class CaptureSession:
                     f"Hook point {point.name} is already armed by another capture session on this model; "
                     "finish or close that generator first."
                 )
-        for point in self._armed.values():
-            point.fn = self._record
+        for key, point in self._armed.items():
+            point.fn = self._edit if key in self._edits else self._record
 
     def disarm(self) -> None:
         for point in self._armed.values():
-            if point.fn == self._record:
+            if point.fn == self._record or point.fn == self._edit:
                 point.fn = None
 
     def begin_pass(self, step: int, start: int, end: int) -> None:
