@@ -1,0 +1,67 @@
+"""`mlx-engine serve`: the command line for the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .config import ServerConfig
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerConfig()
+    parser.add_argument("--model", required=True, help="model to load at start: a folder, a Hugging Face repo id, or 'default'")
+    parser.add_argument("--host", default=defaults.host, help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=defaults.port, help="port (0 picks a free one)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* routes")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (repeatable)")
+    parser.add_argument("--model-root", action="append", default=[], type=Path, metavar="DIR", help="folder whose model folders POST /v1/models/load may load (repeatable)")
+    parser.add_argument("--no-hub", action="store_true", help="refuse Hugging Face repo ids in POST /v1/models/load")
+    parser.add_argument("--capture-budget-mb", type=float, default=defaults.capture_budget_mb, help="largest estimated capture per request; 0 for no limit")
+    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit, help="largest max_tokens a request may ask for")
+    parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens, help="max_tokens when a request gives none")
+    parser.add_argument("--capture-store-items", type=int, default=defaults.capture_store_items, help="captures kept for download")
+    parser.add_argument("--capture-store-mb", type=float, default=defaults.capture_store_mb, help="bytes of captures kept for download")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="WSGI worker threads")
+    parser.add_argument("--log-request-bodies", action="store_true", help="log request bodies (off by default: prompts are private)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        cors_origins=tuple(args.cors_origin),
+        model_roots=tuple(args.model_root),
+        allow_hub_models=not args.no_hub,
+        capture_budget_mb=args.capture_budget_mb,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens,
+        capture_store_items=args.capture_store_items,
+        capture_store_mb=args.capture_store_mb,
+        threads=args.threads,
+        log_request_bodies=args.log_request_bodies,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(config_from_args(args))
+    return 0
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with activation capture")
+    add_serve_arguments(parser)
+    parser.set_defaults(func=run_serve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlx_engine.api_server", description="Serve a model over HTTP.")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

@@ -1,0 +1,44 @@
+"""What an operator decides about a server, in one immutable object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings for `create_app` and `serve`.
+
+    Defaults are the safe ones: loopback only, no CORS, no model loading outside the
+    configured roots, and a capture budget so one request cannot exhaust memory.
+    """
+
+    model: Optional[str] = None  # loaded at startup (a folder or a Hugging Face repo id)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: Optional[str] = None
+    cors_origins: tuple[str, ...] = ()
+    model_roots: tuple[Path, ...] = ()
+    allow_hub_models: bool = True  # POST /v1/models/load may name a Hugging Face repo id
+    capture_budget_mb: float = 1024.0  # per request, estimated before generating
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 512
+    capture_store_items: int = 16
+    capture_store_mb: float = 1024.0
+    max_request_mb: float = 16.0
+    threads: int = 16  # WSGI worker threads: streams in flight + requests waiting for the engine
+    log_request_bodies: bool = False
+
+    @property
+    def capture_budget_bytes(self) -> int:
+        return int(self.capture_budget_mb * 2**20)
+
+    @property
+    def capture_store_bytes(self) -> int:
+        return int(self.capture_store_mb * 2**20)
+
+    @property
+    def effective_default_max_tokens(self) -> int:
+        return min(self.default_max_tokens, self.max_tokens_limit)

@@ -1,0 +1,195 @@
+"""The one thread that does model work, and the queue that feeds it.
+
+MLX arrays and streams belong to the thread that created them, so loading, generating
+and encoding captures all run here, one job at a time in arrival order. That order is
+also the server's scheduling policy: one generation at a time, queued requests served
+first come first served, none dropped. Request threads only submit jobs and read what a
+job hands back, which is plain Python data (dicts, strings, bytes), never an mx.array.
+
+A streaming job hands its events through a bounded queue. The reader may cancel it
+(client gone); the job sees that at its next event, within one generation step, and
+the engine moves on to the next job.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, TypeVar
+
+log = logging.getLogger("mlx_engine.api_server.engine")
+
+T = TypeVar("T")
+_STREAM_BUFFER = 64
+_POLL_S = 0.05
+
+
+class Cancelled(Exception):
+    """Raised inside a streaming job when its reader has gone away."""
+
+
+class _End:
+    """Marks the end of a stream's events."""
+
+
+END = _End()
+
+
+class EventStream:
+    """The reading end of a streaming job, used by one request thread."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=_STREAM_BUFFER)
+        self._cancelled = threading.Event()
+
+    # -- engine side
+    def emit(self, event: Any) -> None:
+        """Hand an event to the reader, waiting while its buffer is full; raise Cancelled if it left."""
+        while True:
+            if self._cancelled.is_set():
+                raise Cancelled()
+            try:
+                self._queue.put(event, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _finish(self, error: Optional[BaseException]) -> None:
+        if self._cancelled.is_set():
+            return
+        if error is not None:
+            self._force_put(error)
+        self._force_put(END)
+
+    def _force_put(self, item: Any) -> None:
+        while not self._cancelled.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # -- request side
+    def cancel(self) -> None:
+        """Stop the job at its next event (or before it starts, if still queued)."""
+        self._cancelled.set()
+
+    def next(self, timeout: float) -> Any:
+        """The next event, or END; raises queue.Empty after `timeout`, or the job's exception."""
+        item = self._queue.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+@dataclass
+class EngineStats:
+    completed_generations: int = 0
+    cancelled_generations: int = 0
+    failed_generations: int = 0
+
+
+class EngineThread:
+    """A single daemon thread running submitted jobs in order."""
+
+    def __init__(self, name: str = "mlx-engine") -> None:
+        self._jobs: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._pending = 0
+        self._busy = False
+        self._lock = threading.Lock()
+        self.stats = EngineStats()
+        self._thread.start()
+
+    # -- status
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting, not counting the one running."""
+        with self._lock:
+            return self._pending
+
+    def on_engine_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # -- submitting
+    def call(self, fn: Callable[[], T], timeout: Optional[float] = None) -> T:
+        """Run `fn` on the engine thread and return its result (or raise its exception)."""
+        if self.on_engine_thread():
+            return fn()
+        future: "Future[T]" = Future()
+
+        def job() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller, never kills the thread
+                future.set_exception(exc)
+
+        self._put(job)
+        return future.result(timeout=timeout)
+
+    def stream(self, request_id: str, fn: Callable[[EventStream], None]) -> EventStream:
+        """Run `fn(stream)` on the engine thread; it emits events the caller reads from `stream`."""
+        stream = EventStream()
+
+        def job() -> None:
+            if stream.cancelled:
+                log.info("request %s: cancelled while queued", request_id)
+                self.stats.cancelled_generations += 1
+                return
+            error: Optional[BaseException] = None
+            try:
+                fn(stream)
+                self.stats.completed_generations += 1
+            except Cancelled:
+                self.stats.cancelled_generations += 1
+                log.info("request %s: client went away; generation stopped", request_id)
+            except BaseException as exc:
+                self.stats.failed_generations += 1
+                error = exc
+            stream._finish(error)
+
+        self._put(job)
+        return stream
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _put(self, job: Callable[[], None]) -> None:
+        if not self.alive:
+            raise RuntimeError("The engine thread has stopped.")
+        with self._lock:
+            self._pending += 1
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                self._pending -= 1
+            self._busy = True
+            try:
+                job()
+            except BaseException:  # a job's own handler failed; keep serving the others
+                log.exception("engine job failed")
+            finally:
+                self._busy = False

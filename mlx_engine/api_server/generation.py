@@ -1,0 +1,244 @@
+"""A generation as the engine thread runs it: tokenize, generate, parse, encode, store.
+
+Everything that touches the tokenizer or MLX happens here, on the engine thread; what
+leaves is plain data (`Started`, `Step`, `Finished`) that a request thread turns into
+OpenAI JSON. Harmony models (gpt-oss) are parsed here at token level, and their stop
+strings are matched against the visible content only, so a stop string cannot fire
+inside the reasoning or a channel header.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+from jinja2 import TemplateError
+
+from .. import chat_tokens, create_generator, create_generator_with_activations, tokenize
+from ..encoding import captures_to_safetensors, encode_capture
+from ..generate import StopStringMatcher
+from ..harmony import HarmonyStreamParser, HarmonyTokens, Route
+from ..hooks import Capture, CaptureBudgetError, HookSpecError
+from .capture_store import CaptureStore
+from .engine import EventStream
+from .errors import APIError
+from .registry import LoadedModel
+
+log = logging.getLogger("mlx_engine.api_server.generation")
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A validated request, reduced to what the engine needs."""
+
+    request_id: str
+    model: LoadedModel
+    messages: Optional[list[dict[str, str]]] = None  # chat
+    prompt: Union[str, list[int], None] = None  # text completion
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+    hooks: Optional[list[Any]] = None  # engine hook specs; None: no capture
+    activation_format: str = "json"
+
+    @property
+    def harmony(self) -> bool:
+        return self.messages is not None and self.model.harmony_tokens is not None
+
+
+@dataclass(frozen=True)
+class TopAlternative:
+    token_id: int
+    token_text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Started:
+    prompt_token_ids: list[int]
+    prompt_tokens_text: list[str]
+    capture_id: Optional[str]
+
+
+@dataclass(frozen=True)
+class Step:
+    token_id: int
+    token_text: str
+    content: str
+    reasoning: str
+    route: Route
+    logprob: float
+    top_logprobs: list[TopAlternative]
+    activations: Optional[dict[str, list[dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    capture_id: Optional[str]
+    capture_bytes: int = 0
+
+
+@dataclass
+class _Totals:
+    generated_ids: list[int] = field(default_factory=list)
+    generated_text: list[str] = field(default_factory=list)
+    reasoning_tokens: int = 0
+
+
+def _prompt_ids(plan: GenerationPlan) -> list[int]:
+    kit = plan.model.kit
+    try:
+        if plan.messages is not None:
+            return chat_tokens(kit, plan.messages)
+        if isinstance(plan.prompt, str):
+            return tokenize(kit, plan.prompt)
+        return list(plan.prompt or [])
+    except (ValueError, TemplateError) as exc:
+        raise APIError(f"Could not build the prompt: {exc}", param="messages" if plan.messages is not None else "prompt") from exc
+
+
+def _token_text(kit: Any, token: int) -> str:
+    return kit.tokenizer.decode([token])
+
+
+def _without_captures(results: Iterator[Any]) -> Generator[tuple[Any, None], None, None]:
+    try:
+        for result in results:
+            yield result, None
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
+class _HarmonyText:
+    """Content and reasoning of a Harmony completion, token by token, with stop strings on the content."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], tokens: HarmonyTokens, stop: tuple[str, ...]) -> None:
+        self.parser = HarmonyStreamParser(decode, tokens)
+        self.stopper = StopStringMatcher(stop)
+
+    def push(self, result: Any) -> tuple[str, str, Route, Optional[str]]:
+        """(content, reasoning, route, finish reason) for one generated token."""
+        delta = self.parser.push(result.token)
+        route = delta.route
+        if result.finish_reason is not None:
+            delta = delta + self.parser.finish()
+        content, hit = self.stopper.push(delta.content)
+        if hit:
+            return content, delta.reasoning, route, "stop"
+        if result.finish_reason is not None:
+            content += self.stopper.flush()
+        return content, delta.reasoning, route, result.finish_reason
+
+
+def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStore, budget_bytes: Optional[int]) -> None:
+    """The engine-thread job behind every completion request (see module docstring)."""
+    kit = plan.model.kit
+    prompt_ids = _prompt_ids(plan)
+    kwargs: dict[str, Any] = dict(
+        max_tokens=plan.max_tokens,
+        temp=plan.temperature,
+        top_p=plan.top_p,
+        seed=plan.seed,
+        stop_strings=() if plan.harmony else plan.stop,
+        top_logprobs=plan.top_logprobs,
+    )
+    capture_id: Optional[str] = None
+    if plan.hooks is not None:
+        # Hook names and the capture budget are checked here, before any generation.
+        pairs: Any = create_generator_with_activations(
+            kit, prompt_ids, plan.hooks, capture_budget_bytes=budget_bytes, **kwargs
+        )
+        capture_id = f"cap-{uuid.uuid4().hex}"
+    else:
+        pairs = _without_captures(create_generator(kit, prompt_ids, **kwargs))
+
+    try:
+        try:
+            first = next(pairs)
+        except (HookSpecError, CaptureBudgetError):
+            raise
+        except ValueError as exc:  # the engine's own input checks (token ids out of range, ...)
+            raise APIError(str(exc), param="prompt") from exc
+        prompt_texts = [_token_text(kit, t) for t in prompt_ids]
+        stream.emit(Started(prompt_ids, prompt_texts, capture_id))
+        _steps(plan, first, pairs, prompt_ids, prompt_texts, capture_id, stream, store)
+    finally:
+        pairs.close()
+
+
+def _steps(
+    plan: GenerationPlan,
+    first: tuple[Any, Any],
+    pairs: Iterator[tuple[Any, Any]],
+    prompt_ids: list[int],
+    prompt_texts: list[str],
+    capture_id: Optional[str],
+    stream: EventStream,
+    store: CaptureStore,
+) -> None:
+    kit = plan.model.kit
+    tokens = plan.model.harmony_tokens
+    harmony = _HarmonyText(kit.tokenizer.decode, tokens, plan.stop) if plan.harmony and tokens is not None else None
+    captures: dict[str, list[Capture]] = {}
+    totals = _Totals()
+    finish: Optional[str] = None
+    pair: Optional[tuple[Any, Any]] = first
+    while pair is not None:
+        result, acts = pair
+        token_text = _token_text(kit, result.token)
+        if harmony is not None:
+            content, reasoning, route, finish = harmony.push(result)
+        else:
+            content, reasoning, route, finish = result.text, "", Route.CONTENT, result.finish_reason
+        encoded = None
+        if acts is not None:
+            encoded = {hook: [encode_capture(c, plan.activation_format) for c in caps] for hook, caps in acts.items()}
+            for hook, caps in acts.items():
+                captures.setdefault(hook, []).extend(caps)
+        totals.generated_ids.append(result.token)
+        totals.generated_text.append(token_text)
+        totals.reasoning_tokens += route is Route.REASONING
+        top = [TopAlternative(t.token, _token_text(kit, t.token), t.logprob) for t in result.top_logprobs]
+        stream.emit(Step(result.token, token_text, content, reasoning, route, result.logprob, top, encoded))
+        pair = None if finish is not None else next(pairs, None)
+
+    stored_bytes = 0
+    if capture_id is not None:
+        metadata = {
+            "capture_id": capture_id,
+            "model": plan.model.model_id,
+            "request_id": plan.request_id,
+            "prompt_token_ids": json.dumps(prompt_ids),
+            "generated_token_ids": json.dumps(totals.generated_ids),
+            "prompt_tokens_text": json.dumps(prompt_texts),
+            "generated_tokens_text": json.dumps(totals.generated_text),
+        }
+        blob = captures_to_safetensors(captures, metadata)
+        if store.put(capture_id, plan.model.model_id, blob):
+            stored_bytes = len(blob)
+        else:
+            log.warning("request %s: capture of %d bytes exceeds the store's bound; not kept", plan.request_id, len(blob))
+            capture_id = None
+    stream.emit(
+        Finished(
+            finish_reason=finish or "length",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(totals.generated_ids),
+            reasoning_tokens=totals.reasoning_tokens,
+            capture_id=capture_id,
+            capture_bytes=stored_bytes,
+        )
+    )

@@ -1,0 +1,204 @@
+"""The models a server has loaded, the hooks registered on each, and where models may come from.
+
+Request threads read this registry (model list, hook points, registered hooks) without
+waiting for the engine: everything kept here besides the kit itself is plain Python
+computed at load time. Only engine-thread jobs use `LoadedModel.kit`.
+
+Load requests come from the network, so a name may only reach the filesystem through
+a configured model root: a relative folder under a root, or an absolute path that
+resolves (symlinks followed) inside one. Anything else must be a Hugging Face repo id.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..harmony import HarmonyTokens
+from ..hooks import ActivationHookManager, ActivationHookSpec, HookSpecError, describe_hook_points
+from ..model_kit import DEFAULT_MODEL_NAME, ModelKit
+from .errors import APIError, ModelNotFound
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    kit: ModelKit
+    created: int
+    source: str
+    hook_points: dict[str, Any]
+    harmony_tokens: Optional[HarmonyTokens]
+    hooks: ActivationHookManager
+    hooks_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, model_id: str, kit: ModelKit, source: str) -> "LoadedModel":
+        """Everything request threads will need, computed once (on the engine thread)."""
+        harmony = HarmonyTokens.from_vocab(kit.tokenizer.get_vocab()) if kit.is_harmony else None
+        return cls(
+            model_id=model_id,
+            kit=kit,
+            created=int(time.time()),
+            source=source,
+            hook_points=describe_hook_points(kit),
+            harmony_tokens=harmony,
+            hooks=ActivationHookManager(kit),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The OpenAI model object, with what an interpretability client wants to know."""
+        info = self.kit.arch_info
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "mlx-engine",
+            "model_type": self.kit.model_type,
+            "native": self.kit.native,
+            "harmony": self.harmony_tokens is not None,
+            "num_layers": info.num_layers,
+            "d_model": info.d_model,
+        }
+
+    # -- registered hooks (pure Python; guarded because several request threads share them)
+    def register_hooks(self, specs: list[Any]) -> list[dict[str, Any]]:
+        """Register all or none: a bad spec leaves the registry unchanged."""
+        with self.hooks_lock:
+            added: list[str] = []
+            try:
+                for spec in specs:
+                    added.extend(self.hooks.register_hook(spec))
+            except HookSpecError:
+                for hook_id in added:
+                    self.hooks.unregister_hook(hook_id)
+                raise
+            return self.hooks.list_hooks()
+
+    def list_hooks(self) -> list[dict[str, Any]]:
+        with self.hooks_lock:
+            return self.hooks.list_hooks()
+
+    def unregister_hooks(self, hook_id: Optional[str]) -> list[dict[str, Any]]:
+        with self.hooks_lock:
+            if hook_id is None:
+                self.hooks.clear_all_hooks()
+            else:
+                try:
+                    self.hooks.unregister_hook(hook_id)
+                except KeyError as exc:
+                    raise APIError(str(exc.args[0]), status=404, type="not_found_error", param="hook_id", code="hook_not_found") from None
+            return self.hooks.list_hooks()
+
+    def registered_specs(self) -> list[ActivationHookSpec]:
+        """The registered hooks as specs a generation can use (one per hook id)."""
+        with self.hooks_lock:
+            return [
+                ActivationHookSpec(
+                    layer_name=r.layer_name,
+                    component=r.component,
+                    hook_id=r.hook_id,
+                    capture_input=r.is_input,
+                    capture_output=not r.is_input,
+                )
+                for r in self.hooks.resolved_hooks
+            ]
+
+
+class ModelRegistry:
+    """Loaded models by id. Mutated only by engine-thread jobs; read from anywhere."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: LoadedModel) -> None:
+        with self._lock:
+            self._models[model.model_id] = model
+
+    def remove(self, model_id: str) -> LoadedModel:
+        with self._lock:
+            model = self._models.pop(model_id, None)
+            if model is None:
+                raise ModelNotFound(model_id, sorted(self._models))
+            return model
+
+    def find(self, model_id: str) -> Optional[LoadedModel]:
+        with self._lock:
+            return self._models.get(model_id)
+
+    def get(self, model_id: Optional[str], param: str = "model") -> LoadedModel:
+        """The named model, or the only loaded one when no name is given."""
+        with self._lock:
+            if model_id is None:
+                if len(self._models) == 1:
+                    return next(iter(self._models.values()))
+                raise APIError(
+                    f"Name a model: {len(self._models)} are loaded ({sorted(self._models) or 'none'}).",
+                    param=param,
+                    code="model_required",
+                )
+            model = self._models.get(model_id)
+            if model is None:
+                raise ModelNotFound(model_id, sorted(self._models), param=param)
+            return model
+
+    def all(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+
+def _forbidden(name: str, why: str) -> APIError:
+    return APIError(f"Refusing to load {name!r}: {why}", status=403, type="permission_error", param="model", code="model_path_not_allowed")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def resolve_load_request(name: str, roots: tuple[Path, ...], allow_hub: bool) -> tuple[str, str]:
+    """(what to pass to load_model, the model id to serve it under) for a network load request."""
+    if "\x00" in name or "\\" in name:
+        raise _forbidden(name, "the name contains a NUL or backslash character.")
+    if name == DEFAULT_MODEL_NAME:
+        return DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME
+    resolved_roots = [r.expanduser().resolve() for r in roots]
+    path = Path(name)
+    if ".." in path.parts:
+        raise _forbidden(name, "'..' is not allowed in a model path.")
+    if path.is_absolute():
+        target = path.resolve()
+        root = next((r for r in resolved_roots if _inside(target, r)), None)
+        if root is None:
+            raise _forbidden(name, "absolute paths must lie inside a --model-root folder.")
+        if not (target / "config.json").is_file():
+            raise APIError(f"{name!r} is not a model folder (no config.json).", status=404, type="not_found_error", param="model", code="model_not_found")
+        return str(target), target.relative_to(root).as_posix() or target.name
+    for root in resolved_roots:
+        target = (root / path).resolve()
+        if _inside(target, root) and target != root and (target / "config.json").is_file():
+            return str(target), path.as_posix()
+    if REPO_ID.match(name) and allow_hub:
+        if Path(name).exists():
+            # load_model would read this local folder (relative to the server's working
+            # directory), which is not a model root.
+            raise _forbidden(name, "it names a local folder outside the model roots.")
+        return name, name
+    roots_text = ", ".join(str(r) for r in resolved_roots) or "none configured"
+    hub = " or a Hugging Face repo id 'owner/name'" if allow_hub else ""
+    raise APIError(
+        f"No model folder {name!r} under the model roots ({roots_text}); give a folder under a root{hub}.",
+        status=404,
+        type="not_found_error",
+        param="model",
+        code="model_not_found",
+    )

@@ -1,0 +1,10 @@
+"""Blueprints by concern: OpenAI-compatible routes, activations, model management, service."""
+
+from .activations import bp as activations_bp
+from .meta import bp as meta_bp
+from .models import bp as models_bp
+from .openai import bp as openai_bp
+
+BLUEPRINTS = (openai_bp, activations_bp, models_bp, meta_bp)
+
+__all__ = ["BLUEPRINTS"]

@@ -1,0 +1,45 @@
+"""Service routes: health and the OpenAPI document."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from ..openapi import build_openapi, operation
+from ..schemas import HealthResponse
+from ..state import state
+
+bp = Blueprint("meta", __name__)
+TAGS = ("Service",)
+
+
+@bp.get("/health")
+@operation(summary="Liveness, loaded models, engine queue and capture store", tags=TAGS, response=HealthResponse)
+def health() -> Response:
+    st = state()
+    engine = st.engine
+    return jsonify(
+        {
+            "status": "ok" if engine.alive else "degraded",
+            "models": st.registry.ids(),
+            "engine": {
+                "alive": engine.alive,
+                "busy": engine.busy,
+                "queue_depth": engine.queue_depth,
+                "completed_generations": engine.stats.completed_generations,
+                "cancelled_generations": engine.stats.cancelled_generations,
+                "failed_generations": engine.stats.failed_generations,
+            },
+            "capture_store": {
+                "items": len(st.store),
+                "bytes": st.store.total_bytes,
+                "max_items": st.store.max_items,
+                "max_bytes": st.store.max_bytes,
+            },
+        }
+    )
+
+
+@bp.get("/openapi.json")
+@operation(summary="This API as an OpenAPI 3.1 document", tags=TAGS)
+def openapi() -> Response:
+    return jsonify(build_openapi(current_app, state().config))
