@@ -1,0 +1,243 @@
+"""The HTTP endpoints the NeuroScope clients use, described once.
+
+The Python client, the Smalltalk generator (all three dialects), the JavaScript module's
+test and the bridge's documentation are all driven by `ENDPOINTS`, and a test checks it
+against the server's own OpenAPI document, so no client can ask for a path, a field or
+a response key the server does not have. Field defaults here are the *clients'*
+defaults (sent explicitly), chosen for analysis: short, greedy generations.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import quote
+
+
+class _Required:
+    """Marks a field that has no default: the caller must supply it."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field: its JSON name and type, and what a client sends when not told."""
+
+    name: str
+    type: str  # JSON Schema type name: string, integer, number, boolean, array, object
+    default: Any = None  # None: left out of the request when not given
+    doc: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class SmalltalkBinding:
+    """How the Smalltalk client exposes an endpoint.
+
+    `selector`'s keywords bind, in order, to the body fields named in `args`; fields not
+    bound are sent with their defaults. `short_selectors` are convenience forms binding
+    a prefix of `args` (the rest take their defaults).
+    """
+
+    selector: str
+    args: tuple[str, ...] = ()
+    short_selectors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One HTTP operation a client calls."""
+
+    name: str
+    method: str
+    path: str  # `{model_id}` is filled with the client's current model
+    summary: str
+    smalltalk: SmalltalkBinding
+    body: tuple[Field, ...] = ()
+    query: tuple[Field, ...] = ()
+    reads: tuple[str, ...] = ()  # top-level response keys the clients read
+    streams: bool = False  # `stream: true` turns the response into SSE
+
+    @property
+    def path_params(self) -> tuple[str, ...]:
+        return tuple(re.findall(r"{(\w+)}", self.path))
+
+    def field(self, name: str) -> Field:
+        for f in self.body + self.query:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.name} has no field {name!r}")
+
+    def render_path(self, **params: str) -> str:
+        return self.path.format(**{k: quote(str(v), safe="") for k, v in params.items()})
+
+
+MODEL_FIELD = Field("model", "string", doc="A loaded model id; the server's only loaded model if left out.")
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        name="health",
+        method="GET",
+        path="/health",
+        summary="Server liveness, loaded models, engine and capture-store state.",
+        smalltalk=SmalltalkBinding("health"),
+        reads=("status", "models"),
+    ),
+    Endpoint(
+        name="models",
+        method="GET",
+        path="/v1/models",
+        summary="The loaded models (OpenAI list).",
+        smalltalk=SmalltalkBinding("models"),
+        reads=("data",),
+    ),
+    Endpoint(
+        name="load_model",
+        method="POST",
+        path="/v1/models/load",
+        summary="Load a model (a folder under a model root, or a Hub repo id); it becomes the client's model.",
+        smalltalk=SmalltalkBinding("loadModel:", ("model",)),
+        body=(Field("model", "string", REQUIRED, "A folder under one of the server's model roots, or 'owner/name'."),),
+        reads=("id",),
+    ),
+    Endpoint(
+        name="hook_points",
+        method="GET",
+        path="/v1/models/{model_id}/hook_points",
+        summary="Every hook point of the model: layers, components, shapes (with symbols T and S), aliases.",
+        smalltalk=SmalltalkBinding("hookPoints"),
+        reads=("num_layers", "components", "layers"),
+    ),
+    Endpoint(
+        name="register_hooks",
+        method="POST",
+        path="/v1/activations/hooks",
+        summary="Register hooks that later requests without activation_hooks use.",
+        smalltalk=SmalltalkBinding("registerHooks:", ("hooks",)),
+        body=(
+            Field("hooks", "array", REQUIRED, "Hook specs ({layer_name, component, ...}) or hook names."),
+            MODEL_FIELD,
+        ),
+        reads=("data",),
+    ),
+    Endpoint(
+        name="clear_hooks",
+        method="DELETE",
+        path="/v1/activations/hooks",
+        summary="Remove every registered hook of the model.",
+        smalltalk=SmalltalkBinding("clearHooks"),
+        query=(MODEL_FIELD,),
+        reads=("data",),
+    ),
+    Endpoint(
+        name="generate_with_activations",
+        method="POST",
+        path="/v1/chat/completions/with_activations",
+        summary="A chat completion that also returns the activations of the named hooks.",
+        smalltalk=SmalltalkBinding(
+            "generateWithActivations:hooks:maxTokens:temperature:",
+            ("messages", "activation_hooks", "max_tokens", "temperature"),
+            ("generateWithActivations:hooks:",),
+        ),
+        body=(
+            Field("messages", "array", REQUIRED, "Chat messages [{role, content}]; a bare string is one user turn."),
+            Field("activation_hooks", "array", REQUIRED, "Hook specs or names to capture."),
+            Field("max_tokens", "integer", 32, "Tokens to generate at most."),
+            Field("temperature", "number", 0.0, "0 is greedy: the same prompt gives the same activations."),
+            Field("activation_format", "string", "json", "How captures travel.", ("json", "base64", "none")),
+            Field("stream", "boolean", False, "Server-Sent Events, one chunk per generated token."),
+            MODEL_FIELD,
+        ),
+        reads=(
+            "model",
+            "choices",
+            "activations",
+            "prompt_token_ids",
+            "prompt_tokens_text",
+            "generated_token_ids",
+            "generated_tokens_text",
+        ),
+        streams=True,
+    ),
+)
+
+BY_NAME: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS}
+
+
+def endpoint(name: str) -> Endpoint:
+    """The endpoint called `name` (KeyError naming the known ones otherwise)."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown endpoint {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+def build_body(ep: Endpoint, values: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The JSON body for `ep`: given values, else defaults; fields defaulting to None are left out."""
+    if not ep.body:
+        if values:
+            raise TypeError(f"{ep.name} takes no body fields, got {sorted(values)}")
+        return None
+    unknown = set(values) - {f.name for f in ep.body}
+    if unknown:
+        raise TypeError(f"{ep.name} has no field(s) {sorted(unknown)}")
+    body: dict[str, Any] = {}
+    for f in ep.body:
+        value = values.get(f.name, f.default)
+        if value is REQUIRED:
+            raise TypeError(f"{ep.name} needs {f.name!r}")
+        if f.choices and value is not None and value not in f.choices:
+            raise ValueError(f"{f.name} must be one of {', '.join(f.choices)}, not {value!r}")
+        if value is not None:
+            body[f.name] = value
+    return body
+
+
+def endpoints_markdown() -> str:
+    """The endpoint table of docs/neuroscope-format.md (a test keeps the doc equal to this)."""
+    lines = [
+        "| name | method and path | Smalltalk selector | request fields (client default) | response keys read |",
+        "|---|---|---|---|---|",
+    ]
+    for ep in ENDPOINTS:
+        fields = []
+        for f in ep.body + ep.query:
+            where = "" if f in ep.body else " (query)"
+            default = "required" if f.required else ("sent once chosen" if f.default is None else json.dumps(f.default))
+            fields.append(f"`{f.name}`: {f.type}{where}, {default}")
+        selectors = ", ".join(f"`{s}`" for s in (ep.smalltalk.selector, *ep.smalltalk.short_selectors))
+        lines.append(
+            f"| {ep.name} | `{ep.method} {ep.path}` | {selectors} | {'; '.join(fields) or '-'} "
+            f"| {', '.join(f'`{r}`' for r in ep.reads)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+JS_BEGIN = "// endpoints:begin (generated from endpoints.py by endpoints_js(); do not edit)"
+JS_END = "// endpoints:end"
+
+
+def endpoints_js() -> str:
+    """The endpoint table block of js/neuroscope-client.mjs (a test keeps the module equal to this)."""
+    table = {
+        ep.name: {
+            "method": ep.method,
+            "path": ep.path,
+            "body": {f.name: (None if f.required else f.default) for f in ep.body},
+            "query": [f.name for f in ep.query],
+            "required": [f.name for f in ep.body if f.required],
+        }
+        for ep in ENDPOINTS
+    }
+    return f"{JS_BEGIN}\nexport const ENDPOINTS = Object.freeze({json.dumps(table, indent=2)});\n{JS_END}\n"

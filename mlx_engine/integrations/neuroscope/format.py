@@ -1,0 +1,95 @@
+"""Server responses -> NeuroScope's activation format (docs/neuroscope-format.md).
+
+NeuroScope wants one flat list of numbers per capture plus the metadata that gives it
+back its shape and place in the token stream, and the tokens as strings. The result is
+plain JSON: it is what a Smalltalk image or a browser page loads, so non-finite values
+keep the wire's spelling ("-Infinity", "Infinity", "NaN") instead of becoming literals
+no JSON parser accepts. `neuroscope_format.schema.json` beside this file is the
+contract, and the tests validate real converted responses against it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from mlx_engine.encoding import decode_array, decode_capture
+
+from .client import ActivationResult
+
+FORMAT_NAME = "neuroscope-activations"
+FORMAT_VERSION = 1
+SCHEMA_FILE = "neuroscope_format.schema.json"
+
+
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema (2020-12) of the format, as shipped with the package."""
+    return json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+
+
+def _flat_json(values: Optional[np.ndarray]) -> Optional[list[Any]]:
+    """Row-major flat values, non-finite floats spelled as the wire spells them."""
+    if values is None:
+        return None
+    flat = values.reshape(-1)
+    if flat.dtype.kind != "f":
+        return flat.tolist()
+    wide = flat.astype(np.float64)
+    if np.isfinite(wide).all():
+        return wide.tolist()
+    spelled = wide.astype(object)
+    spelled[np.isposinf(wide)] = "Infinity"
+    spelled[np.isneginf(wide)] = "-Infinity"
+    spelled[np.isnan(wide)] = "NaN"
+    return spelled.tolist()
+
+
+def convert_capture(wire: Mapping[str, Any]) -> dict[str, Any]:
+    """One wire capture (any encoding) as a NeuroScope entry with flat data."""
+    entry: dict[str, Any] = {
+        "hook_id": wire["hook_id"],
+        "layer_name": wire["layer_name"],
+        "layer": wire["layer"],
+        "component": wire["component"],
+        "shape": list(wire["shape"]),
+        "dtype": wire["dtype"],
+        "is_input": wire["is_input"],
+        "step": wire["step"],
+        "positions": list(wire["positions"]),
+        "key_positions": wire.get("key_positions"),
+        "data": _flat_json(decode_capture(wire)),
+    }
+    extras = {}
+    for key, value in wire.items():
+        if isinstance(value, Mapping) and {"shape", "dtype", "data"} <= value.keys():
+            decoded = decode_array(value["data"], value["shape"], value["dtype"], wire["encoding"])
+            extras[key] = {"shape": list(value["shape"]), "dtype": value["dtype"], "data": _flat_json(decoded)}
+    if extras:
+        entry["extras"] = extras
+    return entry
+
+
+def convert_activations_for_neuroscope(response: Union[Mapping[str, Any], ActivationResult]) -> dict[str, Any]:
+    """A with_activations response (whole, or `ActivationStream.response()`) in NeuroScope's format."""
+    body = response.response if isinstance(response, ActivationResult) else response
+    choices = body.get("choices") or [{}]
+    message = choices[0].get("message") or {}
+    activations = {
+        hook: [convert_capture(c) for c in sorted(caps, key=lambda c: c["step"])]
+        for hook, caps in (body.get("activations") or {}).items()
+    }
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model": body.get("model"),
+        "text": message.get("content") or "",
+        "prompt_tokens": list(body.get("prompt_tokens_text") or []),
+        "generated_tokens": list(body.get("generated_tokens_text") or []),
+        "prompt_token_ids": list(body.get("prompt_token_ids") or []),
+        "generated_token_ids": list(body.get("generated_token_ids") or []),
+        "activations": activations,
+    }

@@ -1,0 +1,513 @@
+"""Generate the NeuroScope Smalltalk client as one file-in source per dialect.
+
+One client, three dialects: Pharo (ZnClient + STON), Squeak (WebClient + the JSON
+package) and Amber (Smalltalk on JavaScript: the host's `fetch` and `JSON`). Everything
+but the transport layer is shared source: the endpoint methods are generated from
+`endpoints.ENDPOINTS`, the hook presets from `presets`, and the conversion to
+NeuroScope's format mirrors `format.py`.
+
+Amber is asynchronous (fetch answers a Promise), so the shared code never uses a
+response directly: it goes through `when:do:`, which in Pharo and Squeak applies the
+block to the value at once and in Amber chains it onto the Promise. The same shared
+source therefore answers values in Pharo and Squeak and Promises in Amber. The SUnit
+tests are shared the same way through `check:then:`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from .endpoints import ENDPOINTS, Endpoint
+from .presets import ATTENTION_COMPONENTS, CIRCUIT_COMPONENTS
+from .smalltalk_dialects import DIALECT_BY_NAME, Dialect
+from .smalltalk_source import ClassSpec, Method, escape_chunk, method, st_literal, st_string, st_string_array
+
+DIALECTS: tuple[str, ...] = ("pharo", "squeak", "amber")
+CLIENT_CLASS = "NeuroScopeMLXClient"
+COMPAT_CLASS = "LMStudioRESTClient"
+TEST_CLASS = "NeuroScopeMLXClientTest"
+CATEGORY = "NeuroScope-Integration"
+TEST_CATEGORY = "NeuroScope-Integration-Tests"
+DEFAULT_BASE_URL = "http://127.0.0.1:8080"
+CLIENT_IVARS: tuple[str, ...] = ("baseUrl", "apiKey", "model")
+
+
+# ----------------------------------------------------------------------------- shared methods
+
+
+def _accessing_methods(base_url: str) -> list[Method]:
+    return [
+        method("instance creation", f"""
+default
+    "A client of the server this file was generated for."
+    ^ self new baseUrl: {st_string(base_url)}
+""", class_side=True),
+        method("accessing", """
+baseUrl
+    ^ baseUrl
+"""),
+        method("accessing", """
+baseUrl: aString
+    "The server's root URL; a trailing slash is dropped so paths can be appended."
+    baseUrl := (aString notEmpty and: [ aString last = $/ ])
+        ifTrue: [ aString allButLast ]
+        ifFalse: [ aString ]
+"""),
+        method("accessing", """
+apiKey: aString
+    "Sent as a Bearer token when the server was started with an API key."
+    apiKey := aString
+"""),
+        method("accessing", """
+model
+    ^ model
+"""),
+        method("accessing", """
+model: aString
+    "The model requests name; loadModel: sets it too."
+    model := aString
+"""),
+        method("private", """
+currentModel
+    "The chosen model, else the server's first loaded one (remembered)."
+    model isNil ifFalse: [ ^ model ].
+    ^ self when: self models do: [ :json |
+        model := ((json at: 'data') first) at: 'id'.
+        model ]
+"""),
+        method("private", """
+modelQuery
+    model isNil ifTrue: [ ^ '' ].
+    ^ '?model=' , model
+"""),
+        method("private", """
+handleStatus: anInteger body: aString
+    "The parsed JSON of a 2xx answer; otherwise an error carrying the server's message."
+    | json error |
+    json := self parseJson: aString.
+    (anInteger between: 200 and: 299) ifTrue: [ ^ json ].
+    error := json at: 'error' ifAbsent: [ nil ].
+    ^ self error: 'mlx-engine HTTP ' , anInteger printString , ': ' , (error isNil
+        ifTrue: [ aString ]
+        ifFalse: [ error at: 'message' ])
+"""),
+        method("private", """
+messagesFrom: messagesOrString
+    "A bare string is one user turn."
+    | message |
+    messagesOrString isString ifFalse: [ ^ messagesOrString asArray ].
+    message := Dictionary new.
+    message at: 'role' put: 'user'.
+    message at: 'content' put: messagesOrString.
+    ^ { message }
+"""),
+    ]
+
+
+# What a client remembers from an answer, by endpoint name.
+_AFTER_RESPONSE = {"load_model": "model := json at: 'id'."}
+# How a body field's argument becomes JSON, by field name.
+_ARGUMENT_CONVERSION = {"messages": "(self messagesFrom: {arg})", "hooks": "{arg} asArray", "activation_hooks": "{arg} asArray"}
+
+
+def _keyword_args(selector: str, args: Sequence[str]) -> tuple[str, list[str]]:
+    """A message pattern for `selector` with argument names derived from the field names."""
+    keywords = selector.split(":")[:-1]
+    names = []
+    for a in args:
+        camel = a.split("_")[0] + "".join(p.capitalize() for p in a.split("_")[1:])
+        # An argument may not shadow an instance variable (`model`).
+        names.append("a" + camel[0].upper() + camel[1:] if camel in CLIENT_IVARS else camel)
+    pattern = " ".join(f"{k}: {n}" for k, n in zip(keywords, names))
+    return pattern, names
+
+
+def _path_expression(ep: Endpoint) -> str:
+    """A Smalltalk expression for the request path; `{model_id}` is the `id` block argument."""
+    parts = re.split(r"({\w+})", ep.path)
+    pieces = []
+    for part in parts:
+        if not part:
+            continue
+        if part == "{model_id}":
+            pieces.append("id")
+        else:
+            pieces.append(st_string(part))
+    expr = " , ".join(pieces)
+    if ep.query:
+        expr += " , self modelQuery"
+    return expr
+
+
+def _endpoint_methods(ep: Endpoint) -> list[Method]:
+    binding = ep.smalltalk
+    pattern, arg_names = _keyword_args(binding.selector, binding.args) if binding.args else (binding.selector, [])
+    bound = dict(zip(binding.args, arg_names))
+    lines = [pattern, f'    "{ep.method} {ep.path}: {ep.summary.replace(chr(34), chr(39))}"']
+    if ep.body:
+        lines.append("    | body |")
+        lines.append("    body := Dictionary new.")
+        for f in ep.body:
+            if f.name in bound:
+                value = _ARGUMENT_CONVERSION.get(f.name, "{arg}").format(arg=bound[f.name])
+                lines.append(f"    body at: {st_string(f.name)} put: {value}.")
+            elif f.name == "model":
+                lines.append("    model isNil ifFalse: [ body at: 'model' put: model ].")
+            elif f.name == "stream":
+                # Smalltalk clients take whole responses; streaming is the Python and JS clients' job.
+                lines.append("    body at: 'stream' put: false.")
+            elif f.default is not None:
+                lines.append(f"    body at: {st_string(f.name)} put: {st_literal(f.default)}.")
+    body_expr = "body" if ep.body else "nil"
+    call = f"self request: {st_string(ep.method)} path: {_path_expression(ep)} body: {body_expr}"
+    if "{model_id}" in ep.path:
+        call = f"self when: self currentModel do: [ :id | {call} ]"
+    after = _AFTER_RESPONSE.get(ep.name)
+    if after:
+        lines.append(f"    ^ self when: ({call}) do: [ :json |")
+        lines.append(f"        {after}")
+        lines.append("        json ]")
+    else:
+        lines.append(f"    ^ {call}")
+    methods = [method("endpoints", "\n".join(lines))]
+    for short in binding.short_selectors:
+        n = len(short.split(":")) - 1
+        short_pattern, short_names = _keyword_args(short, binding.args[:n])
+        full_args = short_names + [st_literal(ep.field(a).default) for a in binding.args[n:]]
+        keywords = binding.selector.split(":")[:-1]
+        send = " ".join(f"{k}: {v}" for k, v in zip(keywords, full_args))
+        defaults = ", ".join(f"{a} {st_literal(ep.field(a).default)}" for a in binding.args[n:])
+        methods.append(method("endpoints", f"""
+{short_pattern}
+    "As {binding.selector} with the clients' defaults: {defaults}."
+    ^ self {send}
+"""))
+    return methods
+
+
+def _preset_methods() -> list[Method]:
+    return [
+        method("presets", """
+hookSpecLayer: layerName component: component
+    | spec |
+    spec := Dictionary new.
+    spec at: 'layer_name' put: layerName.
+    spec at: 'component' put: component.
+    ^ spec
+"""),
+        method("presets", f"""
+createCircuitAnalysisHooks: numLayers
+    "The embedding, then {', '.join(CIRCUIT_COMPONENTS)} of layers 0 to numLayers - 1 (mlx-engine's circuit preset)."
+    | hooks |
+    hooks := self newList.
+    hooks add: (self hookSpecLayer: 'embedding' component: 'embedding').
+    0 to: numLayers - 1 do: [ :layer |
+        {st_string_array(CIRCUIT_COMPONENTS)} do: [ :component |
+            hooks add: (self hookSpecLayer: 'layers.' , layer printString component: component) ] ].
+    ^ hooks asArray
+"""),
+        method("presets", f"""
+createAttentionAnalysisHooks: layers
+    "{', '.join(ATTENTION_COMPONENTS)} of each of layers (mlx-engine's attention preset)."
+    | hooks |
+    hooks := self newList.
+    layers do: [ :layer |
+        {st_string_array(ATTENTION_COMPONENTS)} do: [ :component |
+            hooks add: (self hookSpecLayer: 'layers.' , layer printString component: component) ] ].
+    ^ hooks asArray
+"""),
+    ]
+
+
+_ENTRY_KEYS = ("hook_id", "layer_name", "layer", "component", "shape", "dtype", "is_input", "step", "positions", "key_positions")
+
+
+def _conversion_methods() -> list[Method]:
+    return [
+        method("converting", """
+convertActivations: aResponse
+    "aResponse is the answer of generateWithActivations:... Answers NeuroScope's activation
+    format (docs/neuroscope-format.md) as a Dictionary: per hook id its captures in step order,
+    each with flat row-major data, plus the prompt and generated tokens as strings.
+    Infinities and NaN, which JSON spells as strings, become Floats here."
+    | result activations message |
+    result := Dictionary new.
+    result at: 'format' put: 'neuroscope-activations'.
+    result at: 'version' put: 1.
+    result at: 'model' put: (aResponse at: 'model' ifAbsent: [ nil ]).
+    message := ((aResponse at: 'choices') first) at: 'message'.
+    result at: 'text' put: ((message at: 'content' ifAbsent: [ nil ]) ifNil: [ '' ]).
+    result at: 'prompt_tokens' put: (aResponse at: 'prompt_tokens_text' ifAbsent: [ {} ]).
+    result at: 'generated_tokens' put: (aResponse at: 'generated_tokens_text' ifAbsent: [ {} ]).
+    result at: 'prompt_token_ids' put: (aResponse at: 'prompt_token_ids' ifAbsent: [ {} ]).
+    result at: 'generated_token_ids' put: (aResponse at: 'generated_token_ids' ifAbsent: [ {} ]).
+    activations := Dictionary new.
+    (aResponse at: 'activations') keysAndValuesDo: [ :hookId :captures |
+        activations at: hookId put: (captures collect: [ :each | self convertCapture: each ]) ].
+    result at: 'activations' put: activations.
+    ^ result
+"""),
+        method("converting", f"""
+convertCapture: aCapture
+    "One wire capture as a NeuroScope entry with flat data (and flat router extras)."
+    | entry extras |
+    entry := Dictionary new.
+    {st_string_array(_ENTRY_KEYS)} do: [ :key |
+        entry at: key put: (aCapture at: key ifAbsent: [ nil ]) ].
+    entry at: 'data' put: (self flatValues: (aCapture at: 'data' ifAbsent: [ nil ])).
+    extras := Dictionary new.
+    {{ 'experts'. 'weights' }} do: [ :key |
+        (aCapture includesKey: key) ifTrue: [
+            | extra |
+            extra := Dictionary new.
+            extra at: 'shape' put: ((aCapture at: key) at: 'shape').
+            extra at: 'dtype' put: ((aCapture at: key) at: 'dtype').
+            extra at: 'data' put: (self flatValues: ((aCapture at: key) at: 'data')).
+            extras at: key put: extra ] ].
+    extras isEmpty ifFalse: [ entry at: 'extras' put: extras ].
+    ^ entry
+"""),
+        method("converting", """
+flatValues: nested
+    "Nested JSON lists flattened row-major; nil stays nil (activation_format none)."
+    | flat |
+    nested isNil ifTrue: [ ^ nil ].
+    flat := self newList.
+    self flatten: nested into: flat.
+    ^ flat asArray
+"""),
+        method("converting", """
+flatten: aValue into: aList
+    aValue isNumber ifTrue: [ ^ aList add: aValue ].
+    aValue isString ifTrue: [ ^ aList add: (self floatNamed: aValue) ].
+    aValue do: [ :each | self flatten: each into: aList ]
+"""),
+        method("converting", """
+floatNamed: aString
+    "JSON has no infinities or NaN; the server sends them as these strings."
+    aString = 'Infinity' ifTrue: [ ^ self positiveInfinity ].
+    aString = '-Infinity' ifTrue: [ ^ self positiveInfinity negated ].
+    aString = 'NaN' ifTrue: [ ^ self positiveInfinity - self positiveInfinity ].
+    ^ self error: 'not a number: ' , aString
+"""),
+    ]
+
+
+def _test_methods() -> list[Method]:
+    return [
+        method("running", f"""
+setUp
+    client := {CLIENT_CLASS} default
+"""),
+        method("tests", """
+testHealth
+    ^ self check: client health then: [ :health |
+        self assert: (health at: 'status') equals: 'ok'.
+        self assert: (health at: 'models') notEmpty ]
+"""),
+        method("tests", """
+testModels
+    ^ self check: client models then: [ :json |
+        self assert: (json at: 'data') notEmpty.
+        self assert: ((json at: 'data') first at: 'id') isString ]
+"""),
+        method("tests", """
+testHookPointsDescribeEveryLayer
+    ^ self check: client hookPoints then: [ :points |
+        self assert: (points at: 'layers') size equals: (points at: 'num_layers').
+        self assert: ((points at: 'components') includes: 'residual') ]
+"""),
+        method("tests", """
+testRegisterAndClearHooks
+    | hooks |
+    hooks := client createCircuitAnalysisHooks: 2.
+    ^ self check: (client registerHooks: hooks) then: [ :registered |
+        self assert: (registered at: 'data') size equals: hooks size.
+        self assert: ((registered at: 'data') first at: 'hook_id') equals: 'embedding'.
+        self check: client clearHooks then: [ :cleared |
+            self assert: (cleared at: 'data') size equals: 0 ] ]
+"""),
+        method("tests", """
+testServerErrorsReachTheCaller
+    ^ self errorMessageOf: [ client registerHooks: { 'layers.999.residual' } ] then: [ :message |
+        self assert: (self text: message includes: 'out of range') ]
+"""),
+        method("tests", """
+testGenerateWithActivationsGivesFiniteNumbersOfThePromisedShape
+    | hooks |
+    hooks := client createCircuitAnalysisHooks: 2.
+    ^ self check: client hookPoints then: [ :points |
+        self check: (client generateWithActivations: 'Hello' hooks: hooks maxTokens: 2 temperature: 0) then: [ :response |
+            | converted |
+            converted := client convertActivations: response.
+            self assert: (converted at: 'format') equals: 'neuroscope-activations'.
+            self assert: (converted at: 'prompt_tokens') notEmpty.
+            self assert: (converted at: 'generated_tokens') size equals: 2.
+            self assert: (converted at: 'activations') size equals: hooks size.
+            (converted at: 'activations') keysAndValuesDo: [ :hookId :entries |
+                self assert: entries size equals: 2.
+                entries do: [ :entry |
+                    self assert: (entry at: 'hook_id') equals: hookId.
+                    self assertEntry: entry hasShape: (self promisedShapeOf: entry in: points).
+                    (entry at: 'data') do: [ :x | self assert: x isFinite ] ] ] ] ]
+"""),
+        method("tests", """
+testAttentionFollowsTheCausalMask
+    ^ self check: client hookPoints then: [ :points |
+        self check: (client generateWithActivations: 'Hello' hooks: (client createAttentionAnalysisHooks: { 1 }) maxTokens: 1 temperature: 0) then: [ :response |
+            | activations scores pattern |
+            activations := (client convertActivations: response) at: 'activations'.
+            self assert: activations size equals: 6.
+            activations do: [ :entries |
+                entries do: [ :entry | self assertEntry: entry hasShape: (self promisedShapeOf: entry in: points) ] ].
+            scores := (activations at: 'layers.1.attention_scores') first.
+            pattern := (activations at: 'layers.1.attention_pattern') first.
+            self assertCausal: scores pattern: pattern ] ]
+"""),
+        method("checking", """
+promisedShapeOf: entry in: points
+    "The shape the hook-point listing promises, with symbols T (rows) and S (keys)."
+    | layer |
+    (entry at: 'layer') isNil ifTrue: [ ^ (points at: 'embedding') at: 'shape' ].
+    layer := (points at: 'layers') at: (entry at: 'layer') + 1.
+    ^ ((layer at: 'components') at: (entry at: 'component')) at: 'shape'
+"""),
+        method("checking", """
+assertEntry: entry hasShape: promised
+    | shape positions |
+    shape := entry at: 'shape'.
+    positions := entry at: 'positions'.
+    self assert: shape size equals: promised size.
+    1 to: shape size do: [ :i |
+        | want |
+        want := promised at: i.
+        want = 'T' ifTrue: [ want := (positions at: 2) - (positions at: 1) ].
+        want = 'S' ifTrue: [ want := (entry at: 'key_positions') size ].
+        self assert: (shape at: i) equals: want ].
+    self assert: (entry at: 'data') size equals: (shape inject: 1 into: [ :product :each | product * each ])
+"""),
+        method("checking", """
+assertCausal: scores pattern: pattern
+    "Row r of head h is position (first + r); a key after it is masked: score -inf, probability 0.
+    Visible keys have finite scores and probabilities in [0, 1] summing to at most 1 (sinks take the rest)."
+    | shape rows keys first keyPositions scoreData patternData |
+    shape := scores at: 'shape'.
+    rows := shape at: 2.
+    keys := shape at: 3.
+    first := (scores at: 'positions') at: 1.
+    keyPositions := scores at: 'key_positions'.
+    scoreData := scores at: 'data'.
+    patternData := pattern at: 'data'.
+    0 to: (shape at: 1) - 1 do: [ :h |
+        0 to: rows - 1 do: [ :r |
+            | sum |
+            sum := 0.
+            1 to: keys do: [ :k |
+                | index score probability |
+                index := (h * rows + r) * keys + k.
+                score := scoreData at: index.
+                probability := patternData at: index.
+                sum := sum + probability.
+                (keyPositions at: k) > (first + r)
+                    ifTrue: [
+                        self assert: (score isFinite not and: [ score < 0 ]).
+                        self assert: probability = 0 ]
+                    ifFalse: [
+                        self assert: score isFinite.
+                        self assert: (probability between: 0 and: 1) ] ].
+            self assert: sum > 0.
+            self assert: sum <= 1.0001 ] ]
+"""),
+    ]
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def _client_comment(dialect: Dialect, base_url: str) -> str:
+    lines = [
+        f"I am the NeuroScope client of an mlx-engine server (default {base_url}): I list and load models,",
+        "read a model's hook points, register and clear activation hooks, and run chat completions",
+        "that return activations, which convertActivations: turns into NeuroScope's activation format.",
+        "",
+        f"Transport: {dialect.transport}.",
+    ]
+    if dialect.synchronous:
+        lines.append("Every request method answers the parsed JSON (Dictionary / Array) or signals an Error")
+        lines.append("carrying the server's message.")
+    else:
+        lines += [
+            "Amber runs on JavaScript, where HTTP is asynchronous: every request method answers a Promise",
+            "of the parsed JSON, rejected with an Error carrying the server's message. Use it as",
+            "    (NeuroScopeMLXClient default health) then: [ :json | ... ] catch: [ :error | ... ]",
+            "Methods that need no server (createCircuitAnalysisHooks:, createAttentionAnalysisHooks:,",
+            "convertActivations:) answer their result directly.",
+        ]
+    lines += [
+        "",
+        "Generated by `mlx-engine smalltalk` from the server's endpoint description; edit the generator,",
+        "not this file.",
+    ]
+    return "\n".join(lines)
+
+
+def client_classes(dialect: Dialect, base_url: str) -> list[ClassSpec]:
+    """The client, its compatibility subclass and the SUnit test case, as generated for `dialect`."""
+    methods = _accessing_methods(base_url)
+    for ep in ENDPOINTS:
+        methods.extend(_endpoint_methods(ep))
+    methods += _preset_methods() + _conversion_methods() + list(dialect.transport_methods)
+    client = ClassSpec(CLIENT_CLASS, "Object", CLIENT_IVARS, CATEGORY, _client_comment(dialect, base_url), methods)
+    compat = ClassSpec(
+        COMPAT_CLASS,
+        CLIENT_CLASS,
+        (),
+        CATEGORY,
+        "I keep code written against the earlier LM Studio REST bridge running: I am a NeuroScopeMLXClient\n"
+        "under the old name, with nothing added.",
+    )
+    test = ClassSpec(
+        TEST_CLASS,
+        "TestCase",
+        ("client",),
+        TEST_CATEGORY,
+        f"I test {CLIENT_CLASS} against a live mlx-engine server at its default URL: health, models, hook\n"
+        "points, registering and clearing hooks, server errors, and chat with activations whose numbers\n"
+        "must be finite, shaped as the hook points promise, and causally masked.",
+        _test_methods() + list(dialect.test_support_methods),
+    )
+    return [client, compat, test]
+
+
+def _protocol_chunks(spec: ClassSpec) -> list[str]:
+    chunks = []
+    for class_side in (True, False):
+        groups: dict[str, list[Method]] = {}
+        for m in spec.methods:
+            if m.class_side == class_side:
+                groups.setdefault(m.protocol, []).append(m)
+        owner = f"{spec.name} class" if class_side else spec.name
+        for protocol, methods in groups.items():
+            body = "\n\n".join(escape_chunk(m.source) + "\n!" for m in methods)
+            chunks.append(f"!{owner} methodsFor: {st_string(protocol)}!\n\n{body} !")
+    return chunks
+
+
+def generate_smalltalk_client(dialect: str, base_url: str = DEFAULT_BASE_URL) -> str:
+    """One file-in source for `dialect` (pharo, squeak or amber) holding the client and its tests."""
+    try:
+        d = DIALECT_BY_NAME[dialect]
+    except KeyError:
+        raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}") from None
+    base_url = base_url.rstrip("/")
+    specs = client_classes(d, base_url)
+    parts = [
+        f'"NeuroScope client for mlx-engine, {d.name} dialect. Generated by: mlx-engine smalltalk --dialect {d.name}"!',
+        d.preamble([CATEGORY, TEST_CATEGORY]),
+    ]
+    for spec in specs:
+        parts.append(d.class_definition(spec))
+        parts.append(d.comment_chunk(spec))
+        parts.extend(_protocol_chunks(spec))
+    return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
