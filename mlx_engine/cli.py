@@ -89,6 +89,25 @@ def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         adders.append(add_smalltalk_command)
     except ImportError:
         pass
+    try:
+        from .synth import add_synth_command
+
+        adders.append(add_synth_command)
+    except ImportError:
+        pass
+    try:
+        from .demo import add_demo_command
+
+        adders.append(add_demo_command)
+    except ImportError:
+        pass
+    try:
+        # The benchmarks ship beside the package in a source checkout; an installed wheel may lack them.
+        from benchmarks import add_bench_command
+
+        adders.append(add_bench_command)
+    except ImportError:
+        pass
     return adders
 
 
