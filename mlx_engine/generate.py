@@ -97,11 +97,14 @@ def generate_steps(
     cache = make_prompt_cache(model)
     n_prompt = len(prompt_tokens)
     prompt = mx.array(prompt_tokens, dtype=mx.uint32)
+    # Our models can skip the LM head on prompt positions whose logits nobody reads;
+    # mlx-lm's fallback classes compute it for all of them.
+    head_kwargs = {"last_only": True} if kit.native else {}
 
     def forward(tokens: mx.array, step: int, start: int) -> tuple[mx.array, list[Capture]]:
         if recorder is not None:
             recorder.begin_pass(step, start, start + tokens.size)
-        logits = model(tokens[None], cache=cache)[:, -1, :]
+        logits = model(tokens[None], cache=cache, **head_kwargs)[:, -1, :]
         captures = recorder.end_pass() if recorder is not None else []
         return logits, captures
 

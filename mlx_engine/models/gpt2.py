@@ -150,8 +150,12 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: Optional[list[Any]] = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: Optional[list[Any]] = None, last_only: bool = False) -> mx.array:
+        """`last_only` applies the LM head to the last position alone: a prompt pass keeps only
+        that position's logits, and the head is a large share of a small model's work."""
         out = self.model(inputs, cache)
+        if last_only:
+            out = out[:, -1:, :]
         if self.args.tie_word_embeddings:
             return self.model.wte.as_linear(out)
         return self.lm_head(out)

@@ -210,8 +210,12 @@ class Model(nn.Module):
         inputs: mx.array,
         cache: Optional[list[Any]] = None,
         input_embeddings: Optional[mx.array] = None,
+        last_only: bool = False,
     ) -> mx.array:
-        return self.lm_head(self.model(inputs, cache, input_embeddings))
+        """`last_only` applies the LM head to the last position alone: a prompt pass keeps only
+        that position's logits, and the head is a large share of a small model's work."""
+        out = self.model(inputs, cache, input_embeddings)
+        return self.lm_head(out[:, -1:, :] if last_only else out)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Split the experts' fused, interleaved gate/up projection into SwitchGLU's weights.

@@ -224,8 +224,13 @@ class Model(nn.Module):
         inputs: mx.array,
         cache: Optional[list[Any]] = None,
         input_embeddings: Optional[mx.array] = None,
+        last_only: bool = False,
     ) -> mx.array:
+        """`last_only` applies the LM head to the last position alone: a prompt pass keeps only
+        that position's logits, and the head is a large share of a small model's work."""
         out = self.model(inputs, cache, input_embeddings)
+        if last_only:
+            out = out[:, -1:, :]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(out)
         return self.lm_head(out)
