@@ -74,35 +74,17 @@ def _add_hook_points(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_hook_points)
 
 
-def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands whose modules live elsewhere in the package (server, bridge, demo, ...)."""
-    adders = []
-    try:
-        from .api_server.cli import add_serve_command
+def _package_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands whose modules live elsewhere in the package; imported here so a broken
+    module fails loudly instead of its command silently vanishing."""
+    from .api_server.cli import add_serve_command
+    from .demo import add_demo_command
+    from .integrations.neuroscope.cli import add_smalltalk_command
+    from .synth import add_synth_command
 
-        adders.append(add_serve_command)
-    except ImportError:
-        pass
+    adders = [add_serve_command, add_demo_command, add_smalltalk_command, add_synth_command]
     try:
-        from .integrations.neuroscope.cli import add_smalltalk_command
-
-        adders.append(add_smalltalk_command)
-    except ImportError:
-        pass
-    try:
-        from .synth import add_synth_command
-
-        adders.append(add_synth_command)
-    except ImportError:
-        pass
-    try:
-        from .demo import add_demo_command
-
-        adders.append(add_demo_command)
-    except ImportError:
-        pass
-    try:
-        # The benchmarks ship beside the package in a source checkout; an installed wheel may lack them.
+        # The benchmarks live beside the package in a source checkout; an installed wheel may lack them.
         from benchmarks import add_bench_command
 
         adders.append(add_bench_command)
@@ -114,7 +96,7 @@ def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_convert, _add_hook_points, *_optional_commands()):
+    for add in (_add_generate, _add_convert, _add_hook_points, *_package_commands()):
         add(sub)
     return parser
 

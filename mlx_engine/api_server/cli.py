@@ -11,7 +11,7 @@ from .config import ServerConfig
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
-    parser.add_argument("--model", required=True, help="model to load at start: a folder, a Hugging Face repo id, or 'default'")
+    parser.add_argument("--model", default="default", help="model to load at start: a folder, a Hugging Face repo id, or 'default' (the embedded model; the default)")
     parser.add_argument("--host", default=defaults.host, help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=defaults.port, help="port (0 picks a free one)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* routes")
