@@ -1,7 +1,7 @@
 """The ES module client (js/neuroscope-client.mjs) run by Node against a real server.
 
 Node's fetch and web streams are the browser's APIs, so this exercises the same code a
-page runs; a headless-browser run is a later addition.
+page runs; tests/test_neuroscope_browser.py runs it in headless Chromium as well.
 """
 
 from __future__ import annotations

@@ -249,7 +249,9 @@ export class NeuroScopeClient {
   constructor(baseUrl = "http://127.0.0.1:8080", { apiKey = null, fetch: fetchImpl = globalThis.fetch } = {}) {
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.apiKey = apiKey;
-    this.fetch = fetchImpl;
+    // A browser's fetch must be called with the window as `this`; stored as a method of the
+    // client and called as this.fetch(...) it throws "Illegal invocation". Node does not care.
+    this.fetch = (...args) => fetchImpl(...args);
     this.model = null;
   }
 
