@@ -1,4 +1,4 @@
-"""A generation as the engine thread runs it: tokenize, generate, parse, encode, store.
+"""A generation as the engine thread runs it: tokenize, resolve interventions, generate, parse, encode, store.
 
 Everything that touches the tokenizer or MLX happens here, on the engine thread; what
 leaves is plain data (`Started`, `Step`, `Finished`) that a request thread turns into
@@ -26,6 +26,7 @@ from ..hooks import Capture, CaptureBudgetError, HookSpecError
 from .capture_store import CaptureStore
 from .engine import EventStream
 from .errors import APIError
+from .interventions import WireSpecs, applied, resolve_for_run
 from .registry import LoadedModel
 
 log = logging.getLogger("mlx_engine.api_server.generation")
@@ -47,6 +48,7 @@ class GenerationPlan:
     top_logprobs: int = 0
     hooks: Optional[list[Any]] = None  # engine hook specs; None: no capture
     activation_format: str = "json"
+    interventions: Optional[WireSpecs] = None  # decoded and checked on the request thread; None: none sent
 
     @property
     def harmony(self) -> bool:
@@ -65,6 +67,7 @@ class Started:
     prompt_token_ids: list[int]
     prompt_tokens_text: list[str]
     capture_id: Optional[str]
+    interventions: Optional[list[dict[str, Any]]] = None  # as resolved; None when the request sent none
 
 
 @dataclass(frozen=True)
@@ -155,15 +158,18 @@ def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStor
         stop_strings=() if plan.harmony else plan.stop,
         top_logprobs=plan.top_logprobs,
     )
+    # Interventions are resolved against the prompt (and stored captures read) before any generation.
+    edits = resolve_for_run(plan.interventions, plan.model, len(prompt_ids), plan.max_tokens, store) if plan.interventions else []
+    edited = applied(edits, plan.interventions) if plan.interventions is not None else None
     capture_id: Optional[str] = None
     if plan.hooks is not None:
         # Hook names and the capture budget are checked here, before any generation.
         pairs: Any = create_generator_with_activations(
-            kit, prompt_ids, plan.hooks, capture_budget_bytes=budget_bytes, **kwargs
+            kit, prompt_ids, plan.hooks, interventions=edits, capture_budget_bytes=budget_bytes, **kwargs
         )
         capture_id = f"cap-{uuid.uuid4().hex}"
     else:
-        pairs = _without_captures(create_generator(kit, prompt_ids, **kwargs))
+        pairs = _without_captures(create_generator(kit, prompt_ids, interventions=edits, **kwargs))
 
     try:
         try:
@@ -173,8 +179,8 @@ def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStor
         except ValueError as exc:  # the engine's own input checks (token ids out of range, ...)
             raise APIError(str(exc), param="prompt") from exc
         prompt_texts = [_token_text(kit, t) for t in prompt_ids]
-        stream.emit(Started(prompt_ids, prompt_texts, capture_id))
-        _steps(plan, first, pairs, prompt_ids, prompt_texts, capture_id, stream, store)
+        stream.emit(Started(prompt_ids, prompt_texts, capture_id, edited))
+        _steps(plan, first, pairs, prompt_ids, prompt_texts, capture_id, stream, store, edited)
     finally:
         pairs.close()
 
@@ -188,6 +194,7 @@ def _steps(
     capture_id: Optional[str],
     stream: EventStream,
     store: CaptureStore,
+    edited: Optional[list[dict[str, Any]]] = None,
 ) -> None:
     kit = plan.model.kit
     tokens = plan.model.harmony_tokens
@@ -226,6 +233,8 @@ def _steps(
             "prompt_tokens_text": json.dumps(prompt_texts),
             "generated_tokens_text": json.dumps(totals.generated_text),
         }
+        if edited is not None:
+            metadata["interventions"] = json.dumps(edited)
         blob = captures_to_safetensors(captures, metadata)
         if store.put(capture_id, plan.model.model_id, blob):
             stored_bytes = len(blob)

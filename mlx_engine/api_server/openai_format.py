@@ -2,7 +2,8 @@
 
 The shapes follow OpenAI's API so its official client parses them; what this server
 adds rides in extra fields the client keeps (`reasoning_content` for Harmony models;
-`capture_id`, `activations` and token strings when activations were requested).
+`capture_id`, `activations` and token strings when activations were requested;
+`interventions`, as the server resolved them, when the request sent any).
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def chat_completion(shape: ResponseShape, done: Collected) -> dict[str, Any]:
         "usage": usage(done.finished, shape.harmony),
         "system_fingerprint": None,
     }
+    if done.started.interventions is not None:
+        body["interventions"] = done.started.interventions
     if shape.with_activations:
         body.update(done.activation_fields())
     return body
@@ -147,12 +150,14 @@ def chat_chunks(shape: ResponseShape, events: Iterable[Any]) -> Iterator[dict[st
         extra: dict[str, Any]
         if isinstance(event, Started):
             extra = {}
+            if event.interventions is not None:
+                extra["interventions"] = event.interventions
             if shape.with_activations:
-                extra = {
-                    "capture_id": event.capture_id,
-                    "prompt_token_ids": event.prompt_token_ids,
-                    "prompt_tokens_text": event.prompt_tokens_text,
-                }
+                extra.update(
+                    capture_id=event.capture_id,
+                    prompt_token_ids=event.prompt_token_ids,
+                    prompt_tokens_text=event.prompt_tokens_text,
+                )
             yield _chunk(shape, {"role": "assistant", "content": ""}, **extra)
         elif isinstance(event, Step):
             delta: dict[str, Any] = {}
@@ -199,7 +204,7 @@ def _completion_logprobs(steps: list[Step], offset: int = 0) -> dict[str, Any]:
 
 
 def text_completion(shape: ResponseShape, done: Collected) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "id": shape.id,
         "object": "text_completion",
         "created": shape.created,
@@ -215,21 +220,33 @@ def text_completion(shape: ResponseShape, done: Collected) -> dict[str, Any]:
         "usage": usage(done.finished, False),
         "system_fingerprint": None,
     }
+    if done.started.interventions is not None:
+        body["interventions"] = done.started.interventions
+    return body
 
 
 def completion_chunks(shape: ResponseShape, events: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    """The chunks of a streamed text completion; resolved interventions ride on the first one."""
+    pending: Optional[list[dict[str, Any]]] = None
+
     def chunk(text: str, finish: Optional[str], logprobs: Optional[dict[str, Any]]) -> dict[str, Any]:
-        return {
+        nonlocal pending
+        out: dict[str, Any] = {
             "id": shape.id,
             "object": "text_completion",
             "created": shape.created,
             "model": shape.model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
         }
+        if pending is not None:
+            out["interventions"], pending = pending, None
+        return out
 
     offset = 0
     for event in events:
-        if isinstance(event, Step):
+        if isinstance(event, Started):
+            pending = event.interventions
+        elif isinstance(event, Step):
             if event.content or shape.logprobs:
                 yield chunk(event.content, None, _completion_logprobs([event], offset) if shape.logprobs else None)
             offset += len(event.content)

@@ -27,7 +27,7 @@ REF = "#/components/schemas/{model}"
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
 _RULE_PARAM = re.compile(r"<(?:[a-z]+:)?([A-Za-z_]\w*)>")
 _ERROR_STATUSES = {
-    "400": "Invalid request (malformed JSON, wrong types, unknown hooks, out-of-range values).",
+    "400": "Invalid request (malformed JSON, wrong types, unknown hooks, invalid interventions, out-of-range values).",
     "401": "Missing or wrong API key.",
     "403": "A model path outside the configured model roots.",
     "404": "Unknown model, hook, capture or route.",

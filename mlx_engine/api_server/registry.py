@@ -2,7 +2,9 @@
 
 Request threads read this registry (model list, hook points, registered hooks) without
 waiting for the engine: everything kept here besides the kit itself is plain Python
-computed at load time. Only engine-thread jobs use `LoadedModel.kit`.
+computed at load time. Only engine-thread jobs use `LoadedModel.kit`, except its
+`arch_info` and `native` flag (plain data fixed at load), which request threads read to
+check interventions before queueing.
 
 Load requests come from the network, so a name may only reach the filesystem through
 a configured model root: a relative folder under a root, or an absolute path that

@@ -32,7 +32,9 @@ TAGS = ("Activations",)
     stream=ChatCompletionChunk,
     description="A chat completion that also returns the activations of `activation_hooks` (or, when the "
     "request names none, of the hooks registered for the model): grouped by hook id in step order, or per "
-    "step in each streamed chunk. The whole capture is kept for download under `capture_id`.",
+    "step in each streamed chunk. The whole capture is kept for download under `capture_id`, and "
+    "`interventions` of later requests can read it by that id (mean, patch). With `interventions` in "
+    "the same request the captures show the edited model; a hook at an edited point says `edit`.",
 )
 def chat_with_activations() -> Response:
     req = parse_body(ActivationChatRequest)

@@ -11,6 +11,7 @@ from flask import Response, jsonify
 
 from ..errors import to_error
 from ..generation import GenerationPlan
+from ..interventions import prepare_interventions
 from ..openai_format import ResponseShape, chat_chunks, chat_completion, collect, new_id
 from ..schemas import ChatCompletionRequest
 from ..state import request_id, state
@@ -62,6 +63,7 @@ def run_chat(req: ChatCompletionRequest, hooks: Optional[list[Any]]) -> Response
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
         hooks=hooks,
         activation_format=req.activation_format,
+        interventions=prepare_interventions(req.interventions, model, st.store),
     )
     shape = ResponseShape(
         id=new_id("chatcmpl"),

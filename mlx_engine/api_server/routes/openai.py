@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from ..generation import GenerationPlan
+from ..interventions import prepare_interventions
 from ..openai_format import ResponseShape, collect, completion_chunks, new_id, text_completion
 from ..openapi import operation
 from ..schemas import (
@@ -44,7 +45,7 @@ def retrieve_model(model_id: str) -> Response:
     response=ChatCompletion,
     stream=ChatCompletionChunk,
     description="OpenAI's chat completion. `activation_hooks` (the SDK's extra_body) adds activations "
-    "as in /v1/chat/completions/with_activations.",
+    "as in /v1/chat/completions/with_activations; `interventions` edit the model while it generates.",
 )
 def chat_completions() -> Response:
     req = parse_body(ChatCompletionRequest)
@@ -53,7 +54,14 @@ def chat_completions() -> Response:
 
 
 @bp.post("/v1/completions")
-@operation(summary="Text completion", tags=TAGS, request=CompletionRequest, response=Completion, stream=Completion)
+@operation(
+    summary="Text completion",
+    tags=TAGS,
+    request=CompletionRequest,
+    response=Completion,
+    stream=Completion,
+    description="OpenAI's text completion; `interventions` edit the model while it generates.",
+)
 def completions() -> Response:
     req = parse_body(CompletionRequest)
     st = state()
@@ -66,6 +74,7 @@ def completions() -> Response:
         stop=req.stop_strings,
         **req.sampling,
         top_logprobs=req.logprobs or 0,
+        interventions=prepare_interventions(req.interventions, model, st.store),
     )
     shape = ResponseShape(
         id=new_id("cmpl"),

@@ -1,0 +1,100 @@
+"""Steering vectors over HTTP: the difference of mean activations between two sets of prompts."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from ...encoding import encode_array
+from ...hooks import resolve_hook_specs
+from ...interventions import InterventionError
+from ...steering import steering_vector
+from ..errors import APIError
+from ..openapi import operation
+from ..registry import LoadedModel
+from ..schemas import SteeringVectorRequest, SteeringVectorResponse
+from ..state import parse_body, state
+
+bp = Blueprint("steering", __name__)
+TAGS = ("Interventions",)
+# steering_vector names the layer argument `layer`; the request calls it `layer_name`.
+_PARAMS = {"layer": "layer_name"}
+
+
+def _check_token_ids(req: SteeringVectorRequest, vocab_size: int) -> None:
+    """A forward pass would read any embedding row it is given, so ids are checked first."""
+    for name in ("positive", "negative"):
+        for i, prompt in enumerate(getattr(req, name)):
+            bad = [t for t in prompt if t >= vocab_size] if isinstance(prompt, list) else []
+            if bad:
+                raise APIError(
+                    f"{name}[{i}]: token ids out of range [0, {vocab_size}): {bad[:5]}.", param=f"{name}[{i}]", code="invalid_value"
+                )
+
+
+def build_steering_vector(model: LoadedModel, req: SteeringVectorRequest) -> dict[str, Any]:
+    """The engine-thread job: run the prompts, subtract the means, encode. Returns plain JSON data."""
+    kit = model.kit
+    _check_token_ids(req, kit.arch_info.vocab_size)
+    try:
+        sv = steering_vector(
+            kit,
+            req.positive,
+            req.negative,
+            req.layer_name,
+            component=req.component,
+            capture_input=req.capture_input,
+            last_token_only=req.position == "last",
+            drop_bos=req.drop_bos,
+        )
+    except InterventionError as exc:
+        raise APIError(str(exc), param=_PARAMS.get(exc.param, exc.param), code="invalid_hook") from None
+    except ValueError as exc:  # a prompt with no tokens
+        raise APIError(str(exc), param=None, code="invalid_value") from None
+    spec = {"layer_name": sv.layer_name, "component": sv.component, "capture_input": sv.capture_input, "capture_output": not sv.capture_input}
+    (hook,) = resolve_hook_specs(kit, [spec])
+    wire = encode_array(sv.vector, req.format)
+    vector = {"shape": wire["shape"], "dtype": wire["dtype"], "encoding": req.format, "data": wire["data"]}
+    return {
+        "object": "steering_vector",
+        "model": model.model_id,
+        "hook_id": hook.hook_id,
+        "layer_name": sv.layer_name,
+        "layer": hook.layer,
+        "component": sv.component,
+        "capture_input": sv.capture_input,
+        "position": req.position,
+        "drop_bos": req.drop_bos,
+        "n_positive": sv.n_positive,
+        "n_negative": sv.n_negative,
+        "norm": sv.norm,
+        "vector": vector,
+        "intervention": {
+            "layer_name": sv.layer_name,
+            "component": sv.component,
+            "capture_input": sv.capture_input,
+            "op": "add",
+            "vector": vector,
+            "scale": 1.0,
+            "positions": "all",
+        },
+    }
+
+
+@bp.post("/v1/steering/vectors")
+@operation(
+    summary="Build a steering vector from contrasting prompts",
+    tags=TAGS,
+    request=SteeringVectorRequest,
+    response=SteeringVectorResponse,
+    description="The mean activation of `positive` prompts minus that of `negative` prompts at one hook "
+    "point (a [d_model] tensor: residual by default), each prompt counted once whatever its length. The "
+    "response's `intervention` adds it back where it was measured: send it in `interventions` with a `scale`.",
+)
+def steering_vectors() -> Response:
+    req = parse_body(SteeringVectorRequest)
+    st = state()
+    model = st.registry.get(req.model)
+    return jsonify(st.engine.call(partial(build_steering_vector, model, req)))
