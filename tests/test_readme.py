@@ -62,6 +62,9 @@ def test_python_blocks_run_in_order(base_url: str, capsys: pytest.CaptureFixture
             exec(compile(source, f"README.md python block {index}", "exec"), namespace)
         except Exception as exc:  # the block's own error, named
             pytest.fail(f"README python block {index} failed: {exc!r}\n{source}")
+    client = namespace.get("client")
+    if client is not None:
+        client.close()  # its keep-alive connection would hold the server's shutdown
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) >= 16, "the streaming example prints one line per generated token"
     assert all(len(re.findall(r"\d+\.\d", line)) >= 4 for line in printed[:16])
