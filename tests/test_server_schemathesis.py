@@ -70,6 +70,10 @@ def test_every_operation_honours_its_schema(fuzz_server):
                 # No schema-violating input exists (no body, no constrained parameters).
                 assert mode is GenerationMode.NEGATIVE, operation.label
             except Exception as exc:  # collect every operation's failure, then report them all
+                if mode is GenerationMode.NEGATIVE and "satisfy" in str(exc).lower():
+                    # The same generation failure as above, raised through schemathesis's own error
+                    # type: nothing schema-violating could be made for this operation.
+                    continue
                 failures.append(f"{mode.value} {operation.label}: {exc}")
     assert operations >= 15
     assert not failures, "\n\n".join(failures)
