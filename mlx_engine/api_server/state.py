@@ -42,6 +42,9 @@ class ServerState:
     # -- model lifecycle, run on the engine thread
     def load(self, target: str, model_id: Optional[str] = None) -> LoadedModel:
         def job() -> LoadedModel:
+            # Checked again here, in queue order: two requests for one model load it once.
+            if model_id is not None and (already := self.registry.find(model_id)) is not None:
+                return already
             kit = load_model(target)
             served_id = model_id or kit.model_id
             existing = self.registry.find(served_id)

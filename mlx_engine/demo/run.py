@@ -1,0 +1,281 @@
+"""The demo's flow: serve the model, ask through the openai client and the bridge, write the folder."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from tqdm import tqdm
+
+from .layout import (
+    ATTENTION_PNG,
+    CAPTURE_FILE,
+    NEUROSCOPE_FILE,
+    RESIDUAL_PNG,
+    SMALLTALK_DIALECT,
+    SMALLTALK_FILE,
+    SUMMARY_FILE,
+    choose_hooks,
+    new_run_folder,
+)
+from .pictures import (
+    attention_grid,
+    residual_norms,
+    write_attention_png,
+    write_residual_png,
+)
+from .summary import DemoRun, write_summary
+
+T = TypeVar("T")
+
+DEFAULT_PROMPT = "Write a Python function that counts the lines in a text file."
+DEFAULT_MAX_TOKENS = 24
+DEFAULT_OUT_ROOT = "demo-output"
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def _with_elapsed(desc: str, fn: Callable[[], T]) -> T:
+    """Run `fn` while a progress line counts the seconds: loading reports no finer progress."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, tqdm(
+        desc=desc, bar_format="{desc}: {elapsed}", file=sys.stderr
+    ) as bar:
+        future = pool.submit(fn)
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                bar.refresh()
+
+
+@contextmanager
+def serving(target: str, model_id: str) -> Iterator[str]:
+    """Load `target` into a real mlx-engine server on a free 127.0.0.1 port; yield its base URL.
+
+    The model is loaded through the server's own state (on its engine thread, which
+    must own the MLX arrays) under `model_id`, so the requests can name it as the user
+    did. Leaving the block stops the HTTP server and then the engine thread.
+    """
+    from ..api_server import ServerConfig, create_app, make_server
+    from ..api_server.state import EXTENSION_KEY
+
+    config = ServerConfig(model=None, host="127.0.0.1", port=0, threads=4)
+    app = create_app(config)
+    state = app.extensions[EXTENSION_KEY]
+    # Binding before loading gives waitress's worker threads time to become idle, so the
+    # first request is not reported as queued.
+    server = make_server(app, config)
+    thread = threading.Thread(target=server.run, name="mlx-engine-demo-server", daemon=True)
+    try:
+        _with_elapsed(f"loading model {model_id}", lambda: state.load(target, model_id))
+        thread.start()
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        if thread.is_alive():
+            thread.join(timeout=10)
+        state.engine.stop()
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def chat_through_openai(base_url: str, model_id: str, prompt: str, hooks: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """A whole chat completion with activations, asked with the official `openai` client.
+
+    The activation fields ride in `extra_body` on the way in and come back as extra
+    fields of the SDK's response object, which `model_dump` keeps.
+    """
+    from openai import OpenAI
+
+    # The demo server has no API key; the SDK insists on one, and the server ignores it.
+    # Closing the client closes its kept-alive connection, which lets the server shut down at once.
+    with OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600.0) as client:
+        completion = client.chat.completions.create(
+            model=model_id,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0.0,
+            extra_body={"activation_hooks": hooks, "activation_format": "base64"},
+        )
+    return completion.model_dump()
+
+
+def stream_with_progress(base_url: str, model_id: str, prompt: str, hooks: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """The same chat streamed from /v1/chat/completions/with_activations, one progress tick per token."""
+    from ..integrations.neuroscope.client import NeuroScopeClient
+
+    client = NeuroScopeClient(base_url)
+    client.model = model_id
+    stream = client.generate_with_activations(
+        prompt, hooks, stream=True, activation_format="base64", max_tokens=max_tokens, temperature=0.0
+    )
+    with tqdm(total=max_tokens, desc="streaming tokens", unit="tok", file=sys.stderr) as bar:
+        for chunk in stream:  # type: ignore[union-attr]
+            if chunk.token_id is not None:
+                bar.update(1)
+                bar.set_postfix_str(repr(chunk.token_text), refresh=False)
+    return stream.response()  # type: ignore[union-attr]
+
+
+def download_capture(base_url: str, capture_id: str, dest: Path) -> int:
+    """Fetch the whole capture as safetensors from the server's capture store; bytes written."""
+    url = f"{base_url}/v1/activations/captures/{urllib.parse.quote(capture_id, safe='')}"
+    with urllib.request.urlopen(url, timeout=120) as response:
+        data = response.read()
+    dest.write_bytes(data)
+    return len(data)
+
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def _check_inputs(prompt: str, max_tokens: int) -> None:
+    if not prompt.strip():
+        raise ValueError("--prompt must not be empty.")
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}.")
+    from ..api_server import ServerConfig
+
+    limit = ServerConfig().max_tokens_limit
+    if max_tokens > limit:
+        raise ValueError(f"--max-tokens must be at most {limit}, the server's limit; got {max_tokens}.")
+
+
+def demo(
+    model: str = "default",
+    out_root: str | Path = DEFAULT_OUT_ROOT,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    prompt: str = DEFAULT_PROMPT,
+) -> DemoRun:
+    """Run the demo and answer everything it found; `run_demo` answers just the folder."""
+    from ..integrations.neuroscope.client import NeuroScopeClient
+    from ..integrations.neuroscope.format import convert_activations_for_neuroscope
+    from ..integrations.neuroscope.smalltalk import generate_smalltalk_client
+    from ..model_kit import resolve_model_path
+
+    _check_inputs(prompt, max_tokens)
+    started = datetime.now()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tqdm.write(f"mlx-engine demo: model {model!r}", file=sys.stderr)
+    # Resolving first turns a bad name into a clear error before anything starts, and shows
+    # the Hub's own download progress when the model is not cached yet.
+    path, model_id = resolve_model_path(model)
+    timings["resolve model"] = time.perf_counter() - t0
+
+    with serving(str(path), model_id) as base_url:
+        timings["load model"] = time.perf_counter() - t0 - timings["resolve model"]
+        tqdm.write(f"serving {model_id} at {base_url}", file=sys.stderr)
+        hook_points = NeuroScopeClient(base_url).hook_points(model_id)
+        hooks = choose_hooks(hook_points)
+        request = hooks.requests()
+
+        t = time.perf_counter()
+        tqdm.write("chat completion through the openai client ...", file=sys.stderr)
+        openai_body = chat_through_openai(base_url, model_id, prompt, request, max_tokens)
+        timings["openai client request"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        streamed = stream_with_progress(base_url, model_id, prompt, request, max_tokens)
+        timings["streamed request"] = time.perf_counter() - t
+
+        capture_id = streamed.get("capture_id")
+        if not capture_id:
+            raise RuntimeError("The server named no capture_id for the streamed request; the capture was not stored.")
+        folder = new_run_folder(Path(out_root), started)
+        download_capture(base_url, capture_id, folder / CAPTURE_FILE)
+
+    t = time.perf_counter()
+    neuroscope = convert_activations_for_neuroscope(streamed)
+    (folder / NEUROSCOPE_FILE).write_text(json.dumps(neuroscope, ensure_ascii=False), encoding="utf-8")
+    source = generate_smalltalk_client(SMALLTALK_DIALECT, base_url)
+    (folder / SMALLTALK_FILE).write_text(source, encoding="utf-8")
+
+    norms = residual_norms(neuroscope, hooks.residual)
+    scale = write_residual_png(norms, folder / RESIDUAL_PNG)
+    pattern_shape = None
+    if hooks.pattern is not None:
+        layer = hook_points["layers"][hooks.pattern_layer]
+        grid = attention_grid(neuroscope["activations"][hooks.pattern], layer.get("window"))
+        write_attention_png(grid, folder / ATTENTION_PNG)
+        pattern_shape = grid.shape
+    timings["write files"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    run = DemoRun(
+        folder=folder,
+        model_id=model_id,
+        source=model,
+        base_url=base_url,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        hooks=hooks,
+        hook_points=hook_points,
+        streamed=streamed,
+        openai_body=openai_body,
+        neuroscope=neuroscope,
+        smalltalk_chars=len(source),
+        residual_scale=scale,
+        norms=norms,
+        pattern_shape=pattern_shape,
+        timings=timings,
+    )
+    write_summary(run)
+    return run
+
+
+def run_demo(
+    model: str = "default",
+    out_root: str | Path = DEFAULT_OUT_ROOT,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    prompt: str = DEFAULT_PROMPT,
+) -> Path:
+    """Run the whole demo (see the module docstring) and answer the new output folder."""
+    return demo(model=model, out_root=out_root, max_tokens=max_tokens, prompt=prompt).folder
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _run(args: argparse.Namespace) -> int:
+    run = demo(model=args.model, out_root=args.out_root, max_tokens=args.max_tokens, prompt=args.prompt)
+    print(f"model:     {run.model_id}")
+    print(f"prompt:    {run.prompt!r}")
+    if run.reasoning:
+        print(f"reasoning: {run.reasoning!r}")
+    print(f"generated: {run.text!r}")
+    print(f"hooks:     {', '.join(run.hooks.all_ids)}")
+    for p in sorted(run.folder.iterdir()):
+        print(f"  {p.name:<26} {p.stat().st_size:>10} bytes")
+    print(f"finished in {run.timings['total']:.1f} s; open {SUMMARY_FILE} first. Output folder:")
+    print(run.folder)
+    return 0
+
+
+def add_demo_command(sub: argparse._SubParsersAction) -> None:
+    """`mlx-engine demo [--model M] [--out-root DIR] [--prompt TEXT] [--max-tokens N]`."""
+    p = sub.add_parser(
+        "demo",
+        help="serve a model, capture activations through the OpenAI and NeuroScope clients, and write a folder of results",
+        description=sys.modules[__package__].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="default", help="local folder, Hugging Face repo id, or 'default' (the embedded model)")
+    p.add_argument("--out-root", default=DEFAULT_OUT_ROOT, help=f"folder that receives one new timestamped folder per run ({DEFAULT_OUT_ROOT})")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help=f"tokens to generate ({DEFAULT_MAX_TOKENS})")
+    p.set_defaults(func=_run)
