@@ -6,8 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
 import pytest
 
 import mlx_engine

@@ -11,7 +11,6 @@ import inspect
 import json
 import json.decoder
 import json.encoder
-import textwrap
 from pathlib import Path
 from typing import Any
 

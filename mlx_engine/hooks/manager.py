@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, U
 import mlx.core as mx
 
 from ..models.base import ArchitectureInfo
-from .capture import Capture, StepActivations
+from .capture import Capture
 from .components import ComponentType
 from .hook_point import HookPoint
 from .spec import (
