@@ -892,7 +892,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=60)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--router-aux-coef", type=float, default=0.01, help="load-balancing loss weight (keeps every expert in use)")
+    p.add_argument("--router-aux-coef", type=float, default=0.05, help="load-balancing loss weight (keeps every expert in use)")
     p.add_argument("--experts-implementation", default="grouped_mm", choices=["eager", "grouped_mm"])
     p.add_argument("--eval-every-s", type=float, default=120.0)
     p.add_argument("--eval-windows", type=int, default=32, help="held-out windows scored at each periodic evaluation")
