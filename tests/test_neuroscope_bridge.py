@@ -222,3 +222,66 @@ def test_doc_holds_the_generated_endpoint_table() -> None:
     text = DOC.read_text(encoding="utf-8")
     table = re.search(r"<!-- endpoints:begin -->\n(.*)<!-- endpoints:end -->", text, re.S)
     assert table is not None and table.group(1) == endpoints_markdown()
+
+
+# The same model in this process, as the reference the server's captures must equal. The server
+# decodes step by step through its KV cache; run_with_cache recomputes the whole sequence at
+# once, so rows agree to float32 rounding of a different reduction order, not bit for bit.
+RECOMPUTE_ATOL = 2e-4
+RECOMPUTE_RTOL = 1e-4
+REFERENCE_HOOKS = ["layers.0.residual", "layers.3.residual", {"layer_name": 3, "component": "attention_pattern"}]
+
+
+@pytest.fixture(scope="module")
+def reference_kit() -> Any:
+    import mlx_engine
+
+    return mlx_engine.load_model("default")
+
+
+def reference_rows(kit: Any, tokens: list[int], hook_id: str, start: int, end: int, interventions: Any = None) -> np.ndarray:
+    """The rows [start, end) of `hook_id` from one forward pass over `tokens` in this process."""
+    import mlx.core as mx
+
+    import mlx_engine
+
+    cache = mlx_engine.run_with_cache(kit, tokens, REFERENCE_HOOKS, interventions=interventions)
+    full = np.array(cache[hook_id].astype(mx.float32))
+    if full.ndim == 3:  # [heads, T, S]: this step's query rows over the keys it saw
+        return full[:, start:end, :end]
+    return full[start:end]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_client_captures_equal_run_with_cache(client: NeuroScopeClient, reference_kit: Any, stream: bool) -> None:
+    result = client.generate_with_activations("Hello", REFERENCE_HOOKS, max_tokens=4, stream=stream)
+    if stream:
+        assert isinstance(result, ActivationStream)
+        for _ in result:  # each event decodes as it arrives; the merged body is checked below
+            pass
+        result = ActivationResult.from_response(result.response())
+    prompt_ids = result.response["prompt_token_ids"]
+    generated = result.response["generated_token_ids"]
+    sequence = prompt_ids + generated
+    checked = 0
+    for hook_id, captures in result.captures.items():
+        assert [c.step for c in captures] == [0, 1, 2, 3]
+        for capture in captures:
+            start, end = capture.positions
+            expected = reference_rows(reference_kit, sequence[:end], hook_id, start, end)
+            np.testing.assert_allclose(capture.array, expected, rtol=RECOMPUTE_RTOL, atol=RECOMPUTE_ATOL, err_msg=f"{hook_id} step {capture.step}")
+            checked += 1
+    assert checked == 4 * len(REFERENCE_HOOKS)
+
+
+def test_client_interventions_reach_the_model(client: NeuroScopeClient, reference_kit: Any) -> None:
+    """An ablation sent through the client changes the captures exactly as it does in-process."""
+    interventions = [{"layer_name": "blocks.1.attn.hook_z", "op": "zero", "heads": [0, 2]}]
+    plain = client.generate_with_activations("Hello", REFERENCE_HOOKS, max_tokens=1)
+    edited = client.generate_with_activations("Hello", REFERENCE_HOOKS, max_tokens=1, interventions=interventions)
+    prompt_ids = edited.response["prompt_token_ids"]
+    after = edited.captures["layers.3.residual"][0]
+    assert not np.allclose(after.array, plain.captures["layers.3.residual"][0].array, atol=1e-3)
+    expected = reference_rows(reference_kit, prompt_ids, "layers.3.residual", 0, len(prompt_ids), interventions)
+    np.testing.assert_allclose(after.array, expected, rtol=RECOMPUTE_RTOL, atol=RECOMPUTE_ATOL)
+    assert edited.response["interventions"][0]["op"] == "zero"

@@ -299,11 +299,13 @@ class NeuroScopeClient:
         activation_format: str = "base64",
         max_tokens: Optional[int] = None,
         temperature: Optional[float] = None,
+        interventions: Optional[Sequence[Mapping[str, Any]]] = None,
     ) -> Union[ActivationResult, ActivationStream]:
         """Chat and capture `hooks`; a bare string is one user message.
 
         With `stream=True` the result is an `ActivationStream` yielding each token's
-        text and captures as the server produces them.
+        text and captures as the server produces them. `interventions` edit the model
+        while it generates (the server's intervention dicts); captures show the edited run.
         """
         ep = endpoint("generate_with_activations")
         fields: dict[str, Any] = {
@@ -317,6 +319,8 @@ class NeuroScopeClient:
             fields["max_tokens"] = max_tokens
         if temperature is not None:
             fields["temperature"] = temperature
+        if interventions is not None:
+            fields["interventions"] = [dict(i) for i in interventions]
         http = self._open(ep, build_body(ep, fields))
         if stream:
             return ActivationStream(http)

@@ -157,6 +157,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Field("temperature", "number", 0.0, "0 is greedy: the same prompt gives the same activations."),
             Field("activation_format", "string", "json", "How captures travel.", ("json", "base64", "none")),
             Field("stream", "boolean", False, "Server-Sent Events, one chunk per generated token."),
+            Field("interventions", "array", None, "Edits made while generating (steering, ablation, patching)."),
             MODEL_FIELD,
         ),
         reads=(

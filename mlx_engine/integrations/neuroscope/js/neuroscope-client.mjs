@@ -76,6 +76,7 @@ export const ENDPOINTS = Object.freeze({
       "temperature": 0.0,
       "activation_format": "json",
       "stream": false,
+      "interventions": null,
       "model": null
     },
     "query": [],
@@ -342,6 +343,7 @@ export class NeuroScopeClient {
     };
     if (options.maxTokens !== undefined) fields.max_tokens = options.maxTokens;
     if (options.temperature !== undefined) fields.temperature = options.temperature;
+    if (options.interventions !== undefined) fields.interventions = options.interventions;
     return fields;
   }
 
