@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from .endpoints import ENDPOINTS, Endpoint
 from .presets import ATTENTION_COMPONENTS, CIRCUIT_COMPONENTS
 from .smalltalk_dialects import DIALECT_BY_NAME, Dialect
+from .smalltalk_requests import ARGUMENT_CONVERSION, body_plan
 from .smalltalk_source import ClassSpec, Method, escape_chunk, method, st_literal, st_string, st_string_array
 
 DIALECTS: tuple[str, ...] = ("pharo", "squeak", "amber")
@@ -107,8 +108,6 @@ messagesFrom: messagesOrString
 
 # What a client remembers from an answer, by endpoint name.
 _AFTER_RESPONSE = {"load_model": "model := json at: 'id'."}
-# How a body field's argument becomes JSON, by field name.
-_ARGUMENT_CONVERSION = {"messages": "(self messagesFrom: {arg})", "hooks": "{arg} asArray", "activation_hooks": "{arg} asArray"}
 
 
 def _keyword_args(selector: str, args: Sequence[str]) -> tuple[str, list[str]]:
@@ -148,17 +147,14 @@ def _endpoint_methods(ep: Endpoint) -> list[Method]:
     if ep.body:
         lines.append("    | body |")
         lines.append("    body := Dictionary new.")
-        for f in ep.body:
-            if f.name in bound:
-                value = _ARGUMENT_CONVERSION.get(f.name, "{arg}").format(arg=bound[f.name])
-                lines.append(f"    body at: {st_string(f.name)} put: {value}.")
-            elif f.name == "model":
+        for part in body_plan(ep):  # smalltalk_request() reads the same plan for the contract test
+            if part.source == "argument":
+                value = ARGUMENT_CONVERSION.get(part.field, ("{arg}", None))[0].format(arg=bound[part.field])
+                lines.append(f"    body at: {st_string(part.field)} put: {value}.")
+            elif part.source == "model":
                 lines.append("    model isNil ifFalse: [ body at: 'model' put: model ].")
-            elif f.name == "stream":
-                # Smalltalk clients take whole responses; streaming is the Python and JS clients' job.
-                lines.append("    body at: 'stream' put: false.")
-            elif f.default is not None:
-                lines.append(f"    body at: {st_string(f.name)} put: {st_literal(f.default)}.")
+            else:
+                lines.append(f"    body at: {st_string(part.field)} put: {st_literal(part.value)}.")
     body_expr = "body" if ep.body else "nil"
     call = f"self request: {st_string(ep.method)} path: {_path_expression(ep)} body: {body_expr}"
     if "{model_id}" in ep.path:
