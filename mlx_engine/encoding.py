@@ -113,21 +113,23 @@ def _float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return (bits >> 16).astype(np.uint16)
 
 
-def _json_values(raw: np.ndarray, dtype: str) -> Any:
-    """Nested lists of Python numbers; non-finite floats become their string spellings."""
-    if dtype == "bfloat16":
-        raw = _bf16_bits_to_float32(raw)
-    if raw.dtype.kind != "f":
-        return raw.tolist()
-    wide = raw.astype(np.float64)
-    finite = np.isfinite(wide)
-    if finite.all():
+def json_numbers(values: np.ndarray) -> Any:
+    """Nested lists of Python numbers; non-finite floats become their string spellings
+    ("Infinity", "-Infinity", "NaN"), which strict JSON has no numbers for."""
+    if values.dtype.kind != "f":
+        return values.tolist()
+    wide = values.astype(np.float64)
+    if np.isfinite(wide).all():
         return wide.tolist()
     spelled = wide.astype(object)
     spelled[np.isposinf(wide)] = "Infinity"
     spelled[np.isneginf(wide)] = "-Infinity"
     spelled[np.isnan(wide)] = "NaN"
     return spelled.tolist()
+
+
+def _json_values(raw: np.ndarray, dtype: str) -> Any:
+    return json_numbers(_bf16_bits_to_float32(raw) if dtype == "bfloat16" else raw)
 
 
 def encode_array(array: ArrayLike, fmt: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from mlx_engine.encoding import decode_array, decode_capture
+from mlx_engine.encoding import decode_array, decode_capture, json_numbers
 
 from .client import ActivationResult
 
@@ -33,19 +33,7 @@ def load_schema() -> dict[str, Any]:
 
 def _flat_json(values: Optional[np.ndarray]) -> Optional[list[Any]]:
     """Row-major flat values, non-finite floats spelled as the wire spells them."""
-    if values is None:
-        return None
-    flat = values.reshape(-1)
-    if flat.dtype.kind != "f":
-        return flat.tolist()
-    wide = flat.astype(np.float64)
-    if np.isfinite(wide).all():
-        return wide.tolist()
-    spelled = wide.astype(object)
-    spelled[np.isposinf(wide)] = "Infinity"
-    spelled[np.isneginf(wide)] = "-Infinity"
-    spelled[np.isnan(wide)] = "NaN"
-    return spelled.tolist()
+    return None if values is None else json_numbers(values.reshape(-1))
 
 
 def convert_capture(wire: Mapping[str, Any]) -> dict[str, Any]:
