@@ -123,7 +123,7 @@ def generate_steps(
             ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
             order = mx.argsort(-logprobs[ids])
             picked = (chosen, ids[order], logprobs[ids][order])
-        arrays = [token, logprobs, *picked]
+        arrays = [token, *picked]  # the vocab-sized logprobs stay an intermediate
         for c in captures:
             arrays.append(c.array)
             arrays.extend(c.extras.values())
@@ -145,7 +145,7 @@ def generate_steps(
     token, logprobs = choose(logits)
     token = token.squeeze(0)
     logprobs = logprobs.squeeze(0)
-    current = (token, logprobs, step0, enqueue(token, logprobs, step0))
+    current = (token, step0, enqueue(token, logprobs, step0))
 
     detokenizer = kit.tokenizer.detokenizer
     stopper = StopStringMatcher(stop_strings)
@@ -153,12 +153,12 @@ def generate_steps(
     prompt_tps = 0.0
     gen_tic = tic
     for n in range(max_tokens):
-        token, logprobs, captures, picked = current
+        token, captures, picked = current
         if n + 1 < max_tokens:
             next_logits, next_captures = forward(token.reshape(1), n + 1, n_prompt + n)
             next_token, next_logprobs = choose(next_logits)
             next_token, next_logprobs = next_token.squeeze(0), next_logprobs.squeeze(0)
-            current = (next_token, next_logprobs, next_captures, enqueue(next_token, next_logprobs, next_captures))
+            current = (next_token, next_captures, enqueue(next_token, next_logprobs, next_captures))
         token_id = token.item()
         if n == 0:
             prompt_tps = n_prompt / (time.perf_counter() - tic)
