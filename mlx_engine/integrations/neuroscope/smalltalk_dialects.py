@@ -59,11 +59,22 @@ text: aString includes: aSubstring
 """),
 )
 
-_SYNC_WHEN = method("transport", """
+# Pharo and Squeak share everything but HTTP and JSON.
+_SYNC_COMMON = (
+    method("transport", """
 when: aValue do: aBlock
     "Synchronous transport: answers arrive before the call returns."
     ^ aBlock value: aValue
-""")
+"""),
+    method("transport", """
+newList
+    ^ OrderedCollection new
+"""),
+    method("transport", """
+positiveInfinity
+    ^ Float infinity
+"""),
+)
 
 
 class _ChunkDialect(Dialect):
@@ -134,15 +145,7 @@ parseJson: aString
 jsonStringOf: anObject
     ^ STON toJsonString: anObject
 """),
-        _SYNC_WHEN,
-        method("transport", """
-newList
-    ^ OrderedCollection new
-"""),
-        method("transport", """
-positiveInfinity
-    ^ Float infinity
-"""),
+        *_SYNC_COMMON,
     ),
     test_support_methods=_SYNC_TEST_SUPPORT,
 )
@@ -180,15 +183,7 @@ parseJson: aString
 jsonStringOf: anObject
     ^ anObject asJsonString
 """),
-        _SYNC_WHEN,
-        method("transport", """
-newList
-    ^ OrderedCollection new
-"""),
-        method("transport", """
-positiveInfinity
-    ^ Float infinity
-"""),
+        *_SYNC_COMMON,
     ),
     test_support_methods=_SYNC_TEST_SUPPORT,
 )
