@@ -33,9 +33,9 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+from neuroscope_server import running_server
 
 import mlx_engine.integrations.neuroscope as neuroscope
-from mlx_engine.api_server import ServerConfig, create_app, make_server
 from mlx_engine.integrations.neuroscope.client import NeuroScopeClient
 from mlx_engine.model_kit import DEFAULT_MODEL_DIR
 
@@ -167,15 +167,10 @@ def api_server(page_origin: str, log: RequestLog) -> Iterator[str]:
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(log)
-    config = ServerConfig(model="default", port=0, threads=4, api_key=API_KEY, cors_origins=(page_origin,))
-    server = make_server(create_app(config), config)
-    thread = threading.Thread(target=server.run, name="browser-test-api", daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.effective_port}"
+        with running_server("default", api_key=API_KEY, cors_origins=(page_origin,)) as url:
+            yield url
     finally:
-        server.close()
-        thread.join(timeout=10)
         logger.removeHandler(log)
         logger.setLevel(level)
 
