@@ -18,25 +18,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from mlx_engine.tools.chat_templates import HARMONY_CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE
+
 WEIGHT_SPREAD = 0.15
 VOCAB_SIZE = 384
 
 HARMONY_SPECIAL = ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|constrain|>", "<|call|>"]
 PLAIN_SPECIAL = ["<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>"]
-
-PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-# The shape of gpt-oss's Harmony template: system/developer/user turns, then the
-# assistant's channels (`analysis` for reasoning, `final` for the answer).
-HARMONY_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}<|end|>"
-    "{% else %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}"
-)
-
 
 def training_text() -> str:
     """Deterministic English-and-code text: the json package's own source."""

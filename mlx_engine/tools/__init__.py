@@ -1,0 +1,1 @@
+"""Tools beside the runtime: synthetic checkpoints, conversion, chat templates."""
