@@ -2,7 +2,7 @@
 
 The expected values below are the published configs (openai/gpt-oss-20b and -120b,
 meta-llama/Llama-3.2-1B and Llama-3.1-8B), typed here independently of the table in
-mlx_engine/synth.py so that a wrong entry there fails.
+mlx_engine/tools/synth/presets.py so that a wrong entry there fails.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from mlx_engine import synth
+from mlx_engine.tools import synth
 
 PUBLISHED: dict[str, dict[str, Any]] = {
     "gpt-oss-20b": {
@@ -214,7 +214,7 @@ def _synth_peak_rss(args: list[str]) -> tuple[int, int]:
     # large pytest process would report the parent's size.
     code = (
         "import sys\n"
-        "from mlx_engine.synth import main\n"
+        "from mlx_engine.tools.synth.cli import main\n"
         "main(sys.argv[1:])\n"
         "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
         "print('PEAK', int(hwm.split()[1]) * 1024)\n"
