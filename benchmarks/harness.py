@@ -201,12 +201,11 @@ def _available(module: str, names: tuple[str, ...]) -> tuple[bool, str]:
 
 
 def server_available() -> tuple[bool, str]:
-    return _available("mlx_engine.api_server", ("ServerConfig", "create_app", "make_server"))
+    return _available("mlx_engine.server", ("ServerConfig", "create_app", "make_server"))
 
 
 def encoding_available() -> tuple[bool, str]:
-    return _available("mlx_engine.encoding", ("encode_capture", "decode_capture", "captures_to_safetensors",
-                                              "safetensors_to_captures"))
+    return _available("mlx_engine.wire.files", ("captures_to_safetensors", "safetensors_to_captures"))
 
 
 def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ CONTENDER_TEXT = {
     "transformers": "transformers generate, torch float32, output_hidden_states=True",
     "ours+openblas": "ours, LD_PRELOAD=OpenBLAS",
     "mlx_lm+openblas": "mlx-lm, LD_PRELOAD=OpenBLAS",
-    "server": "mlx_engine.api_server, POST /v1/completions stream=true (SSE over 127.0.0.1)",
+    "server": "mlx_engine.server, POST /v1/completions stream=true (SSE over 127.0.0.1)",
 }
 
 
@@ -125,7 +125,7 @@ def macs_per_position(config: dict[str, Any]) -> tuple[int, int]:
 
 def _prefill_note(key: str, m: dict[str, Any]) -> list[str]:
     """Why prefill ratios are comparable: both loops apply the LM head to the last prompt position only."""
-    from mlx_engine import synth
+    from mlx_engine.tools import synth
 
     from .checkpoints import FULL_MODELS, GPT_OSS_20B, QUICK_MODELS
 
@@ -215,7 +215,7 @@ def _model_section(key: str, m: dict[str, Any], r: dict[str, Any]) -> list[str]:
 
 def _layout_sizes() -> list[str]:
     """Weight bytes of the gpt-oss-20b shape in other 4-bit layouts, from the tensor plan (not written)."""
-    from mlx_engine import synth
+    from mlx_engine.tools import synth
 
     config = synth.architecture_config("gpt-oss-20b")
     out = []

@@ -20,7 +20,7 @@ Captures = dict[str, list[Any]]
 
 
 def _json_like(captures: Captures, fmt: str) -> tuple[Callable[[], bytes], Callable[[bytes], list[np.ndarray]]]:
-    from mlx_engine.encoding import decode_capture, encode_capture
+    from mlx_engine.wire.codec import decode_capture, encode_capture
 
     def encode() -> bytes:
         body = {hook: [encode_capture(c, fmt) for c in caps] for hook, caps in captures.items()}
@@ -34,14 +34,15 @@ def _json_like(captures: Captures, fmt: str) -> tuple[Callable[[], bytes], Calla
 
 
 def _safetensors(captures: Captures) -> tuple[Callable[[], bytes], Callable[[bytes], list[np.ndarray]]]:
-    from mlx_engine.encoding import captures_to_safetensors, safetensors_to_captures, to_numpy
+    from mlx_engine.hooks.capture import mlx_to_numpy
+    from mlx_engine.wire.files import captures_to_safetensors, safetensors_to_captures
 
     def encode() -> bytes:
         return captures_to_safetensors(captures)
 
     def decode(blob: bytes) -> list[np.ndarray]:
         back, _ = safetensors_to_captures(blob)
-        return [to_numpy(c.array) for caps in back.values() for c in caps]
+        return [mlx_to_numpy(c.array)[0] for caps in back.values() for c in caps]
 
     return encode, decode
 

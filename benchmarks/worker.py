@@ -11,7 +11,7 @@ Contenders:
   ours_all10      the ten components of every layer (embedding once)
   mlx_lm          mlx_lm.stream_generate on the same folder
   transformers    torch float32 `generate` with output_hidden_states (exported weights)
-  server          mlx_engine.api_server on 127.0.0.1 (the driver streams from it)
+  server          mlx_engine.server on 127.0.0.1 (the driver streams from it)
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ class Contender:
     def _load_server(self, model: Path) -> None:
         import threading
 
-        from mlx_engine.api_server import ServerConfig, create_app, make_server
+        from mlx_engine.server import ServerConfig, create_app, make_server
 
         config = ServerConfig(model=str(model), host="127.0.0.1", port=0, max_tokens_limit=100000)
         server = make_server(create_app(config), config)

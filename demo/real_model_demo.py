@@ -32,7 +32,7 @@ REAL_MODEL_MAX_TOKENS = "48"
 
 def fetch(model: str) -> Optional[str]:
     """Download (or find in the cache) `model`; None when it is there, else why it is not."""
-    from mlx_engine.model_kit import ModelLoadError, resolve_model_path
+    from mlx_engine.loading import ModelLoadError, resolve_model_path
 
     try:
         path, _ = resolve_model_path(model)

@@ -63,7 +63,7 @@ def server_answers(base_url: str) -> bool:
 @contextmanager
 def local_server(model: str) -> Iterator[str]:
     """An mlx-engine server for `model` on a free loopback port, for the length of the block."""
-    from mlx_engine.api_server import ServerConfig, create_app, make_server
+    from mlx_engine.server import ServerConfig, create_app, make_server
 
     config = ServerConfig(model=model, port=0, threads=4)
     server = make_server(create_app(config), config)

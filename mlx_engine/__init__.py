@@ -1,46 +1,64 @@
-"""mlx-engine: run LLMs on MLX and see inside them while they talk."""
+"""mlx-engine: run LLMs on MLX and see inside them while they talk.
 
-from .activations import CacheResult, create_generator_with_activations, run_with_cache
-from .generate import create_generator
-from .generation_types import GenerationResult, TokenLogprob
-from .hooks import (
-    ActivationHookManager,
-    ActivationHookSpec,
-    Capture,
-    CaptureBudgetError,
-    ComponentType,
-    HookSpecError,
-    StepActivations,
-    estimate_capture_bytes,
-)
-from .interventions import InterventionError, resolve_interventions
-from .model_kit import ModelKit, ModelLoadError, chat_tokens, load_model, tokenize
-from .steering import SteeringVector, steering_vector
+The public API is imported on first use (PEP 562), so `import mlx_engine` and the
+command line start fast, and the HTTP client and wire codec never load MLX.
+Where each name lives is the layout of docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ActivationHookManager",
-    "ActivationHookSpec",
-    "CacheResult",
-    "Capture",
-    "CaptureBudgetError",
-    "ComponentType",
-    "GenerationResult",
-    "HookSpecError",
-    "InterventionError",
-    "ModelKit",
-    "ModelLoadError",
-    "StepActivations",
-    "SteeringVector",
-    "TokenLogprob",
-    "chat_tokens",
-    "create_generator",
-    "create_generator_with_activations",
-    "estimate_capture_bytes",
-    "load_model",
-    "resolve_interventions",
-    "run_with_cache",
-    "steering_vector",
-    "tokenize",
-]
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "ActivationHookManager": "mlx_engine.hooks.registry",
+    "ActivationHookSpec": "mlx_engine.hooks.names",
+    "BoundIntervention": "mlx_engine.interventions.ops",
+    "CacheResult": "mlx_engine.generation.api",
+    "Capture": "mlx_engine.hooks.capture",
+    "CaptureBudgetError": "mlx_engine.hooks.budget",
+    "ComponentType": "mlx_engine.hooks.components",
+    "GenerationResult": "mlx_engine.generation.types",
+    "HookSpecError": "mlx_engine.hooks.names",
+    "InterventionError": "mlx_engine.interventions.spec",
+    "ModelKit": "mlx_engine.loading",
+    "ModelLoadError": "mlx_engine.loading",
+    "ResolvedHook": "mlx_engine.hooks.names",
+    "ResolvedIntervention": "mlx_engine.interventions.resolve",
+    "StepActivations": "mlx_engine.hooks.capture",
+    "SteeringVector": "mlx_engine.interventions.steering",
+    "TokenLogprob": "mlx_engine.generation.types",
+    "chat_tokens": "mlx_engine.loading",
+    "create_generator": "mlx_engine.generation.api",
+    "create_generator_with_activations": "mlx_engine.generation.api",
+    "estimate_capture_bytes": "mlx_engine.hooks.budget",
+    "load_model": "mlx_engine.loading",
+    "prepare_interventions": "mlx_engine.interventions.ops",
+    "resolve_hooks": "mlx_engine.hooks.names",
+    "run_with_cache": "mlx_engine.generation.api",
+    "steering_vector": "mlx_engine.interventions.steering",
+    "tokenize": "mlx_engine.loading",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+_SUBPACKAGES = ("analysis", "generation", "hooks", "integrations", "interventions", "models", "server", "tools", "wire")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"mlx_engine.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlx_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

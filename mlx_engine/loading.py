@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+from .hooks.architecture import ArchitectureInfo
+from .hooks.point import HookPoint
 from .models import NATIVE_ARCHITECTURES, native_module
-from .hooks.hook_point import HookPoint
-from .models.base import ArchitectureInfo
 from .models.rope import normalize_rope_config
 
 DEFAULT_MODEL_NAME = "default"
@@ -52,6 +53,22 @@ class ModelKit:
     @property
     def model_type(self) -> str:
         return self.config["model_type"]
+
+    @property
+    def activation_itemsize(self) -> int:
+        """Bytes per captured element: the model's float dtype (quantized models: their scales')."""
+        from mlx.utils import tree_flatten
+
+        for _, v in tree_flatten(self.model.parameters()):
+            if v.dtype in (mx.float32, mx.float16, mx.bfloat16):
+                return v.dtype.size
+        return 4
+
+    def resolve_hooks(self, specs: Any) -> list[Any]:
+        """Hook requests resolved against this model (see hooks/names.py); raises HookSpecError."""
+        from .hooks.names import resolve_hooks
+
+        return resolve_hooks(self.arch_info, self.native, specs)
 
     @property
     def eos_token_ids(self) -> set[int]:

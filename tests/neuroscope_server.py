@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mlx_engine.api_server import ServerConfig, create_app, make_server
+from mlx_engine.server import ServerConfig, create_app, make_server
 
 
 @contextmanager

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
-from mlx_engine.harmony import HarmonyStreamParser, HarmonyTokens, Route, parse_harmony
+from mlx_engine.generation.harmony import Decode, HarmonyDelta, HarmonyStreamParser, HarmonyTokens, Route
+
+
+def parse_harmony(decode: Decode, tokens: HarmonyTokens, ids: Sequence[int], in_header: bool = True) -> tuple[str, str]:
+    """(content, reasoning) of a whole completion, through the streaming parser token by token."""
+    parser = HarmonyStreamParser(decode, tokens, in_header=in_header)
+    total = HarmonyDelta()
+    for token in ids:
+        total = total + parser.push(token)
+    total = total + parser.finish()
+    return total.content, total.reasoning
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import mlx_engine
-from mlx_engine.model_kit import resolve_model_path
+from mlx_engine.loading import resolve_model_path
 
 WINDOW = 256  # the context length the model was trained on
 MAX_WINDOWS = 8

@@ -35,7 +35,7 @@ from mlx_engine.demo import (
     new_run_folder,
     write_attention_png,
 )
-from mlx_engine.model_kit import DEFAULT_MODEL_DIR
+from mlx_engine.loading import DEFAULT_MODEL_DIR
 
 OUTPUT_FILES = (NEUROSCOPE_FILE, CAPTURE_FILE, SMALLTALK_FILE, RESIDUAL_PNG, ATTENTION_PNG, SUMMARY_FILE)
 FOLDER_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")

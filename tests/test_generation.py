@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mlx_engine
-from mlx_engine.generate import StopStringMatcher
+from mlx_engine.generation.text import StopStringMatcher
 from tiny_checkpoints import load_reference
 
 PROMPT = "def encode(self, obj):\n    return"

@@ -25,8 +25,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from safetensors.numpy import load_file, save_file
 from tiny_checkpoints import build_gpt2, load_reference, training_text
 
-from mlx_engine.convert import quantize_checkpoint
-from mlx_engine.model_kit import ModelKit, load_model
+from mlx_engine.tools.convert import quantize_checkpoint
+from mlx_engine.loading import ModelKit, load_model
 
 LOGIT_TOL = 1e-4  # ours vs transformers, and ours vs mlx-lm on the same weights
 PATHS_TOL = 1e-5  # our explicit attention vs our fused attention

@@ -26,7 +26,7 @@ from safetensors.numpy import load_file, save_file
 from tiny_checkpoints import build_gpt_oss, load_reference
 
 from mlx_engine import load_model
-from mlx_engine.convert import quantize_checkpoint
+from mlx_engine.tools.convert import quantize_checkpoint
 from mlx_engine.models.gpt_oss import Model, ModelArgs
 from mlx_engine.models.rope import YarnRoPE, make_rope
 

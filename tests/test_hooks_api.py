@@ -9,7 +9,6 @@ import torch
 
 import mlx_engine
 from mlx_engine import ActivationHookManager, ActivationHookSpec, CaptureBudgetError, ComponentType, HookSpecError
-from mlx_engine.hooks import resolve_hook_specs
 import tiny_checkpoints as tc
 
 PROMPT = "def encode(self, obj):\n    return obj"
@@ -30,7 +29,7 @@ def test_layer_name_forms(gpt_oss_kit, name) -> None:
     info = gpt_oss_kit.arch_info
     if info.num_layers <= 5:
         name = name.replace("5", "3") if isinstance(name, str) else 3
-    (r,) = resolve_hook_specs(gpt_oss_kit, [{"layer_name": name, "component": "residual"}])
+    (r,) = gpt_oss_kit.resolve_hooks([{"layer_name": name, "component": "residual"}])
     assert r.layer_name == f"layers.{3 if info.num_layers <= 5 else 5}" and r.component is ComponentType.RESIDUAL
 
 
@@ -47,7 +46,7 @@ def test_layer_name_forms(gpt_oss_kit, name) -> None:
 )
 def test_plain_names_imply_their_component(gpt_oss_kit, name, component) -> None:
     """A canonical hook id or a module path alone names the module's own output."""
-    (r,) = resolve_hook_specs(gpt_oss_kit, [name])
+    (r,) = gpt_oss_kit.resolve_hooks([name])
     assert (r.hook_id, r.component.value, r.is_input) == (f"layers.2.{component}", component, False)
 
 
@@ -69,7 +68,7 @@ def test_plain_names_imply_their_component(gpt_oss_kit, name, component) -> None
     ],
 )
 def test_transformerlens_aliases(gpt_oss_kit, alias, component, is_input) -> None:
-    (r,) = resolve_hook_specs(gpt_oss_kit, [{"layer_name": alias}])
+    (r,) = gpt_oss_kit.resolve_hooks([{"layer_name": alias}])
     assert r.component.value == component and r.is_input == is_input
 
 
@@ -94,18 +93,18 @@ def test_transformerlens_aliases(gpt_oss_kit, alias, component, is_input) -> Non
 )
 def test_invalid_specs_say_what_is_valid(gpt_oss_kit, spec, message) -> None:
     with pytest.raises(HookSpecError, match=message):
-        resolve_hook_specs(gpt_oss_kit, [spec])
+        gpt_oss_kit.resolve_hooks([spec])
 
 
 def test_router_only_for_moe(gpt_oss_kit, llama_kit) -> None:
-    resolve_hook_specs(gpt_oss_kit, [{"layer_name": 0, "component": "router"}])
+    gpt_oss_kit.resolve_hooks([{"layer_name": 0, "component": "router"}])
     with pytest.raises(HookSpecError, match="'router' is not offered by this model"):
-        resolve_hook_specs(llama_kit, [{"layer_name": 0, "component": "router"}])
+        llama_kit.resolve_hooks([{"layer_name": 0, "component": "router"}])
 
 
 def test_duplicate_hook_ids_rejected(llama_kit) -> None:
     with pytest.raises(HookSpecError, match="requested twice"):
-        resolve_hook_specs(llama_kit, [{"layer_name": 0, "component": "mlp"}, {"layer_name": "layers.0", "component": "mlp"}])
+        llama_kit.resolve_hooks([{"layer_name": 0, "component": "mlp"}, {"layer_name": "layers.0", "component": "mlp"}])
 
 
 def test_input_and_output_in_one_spec(llama_kit) -> None:
@@ -252,7 +251,7 @@ def test_fallback_architecture_module_components(phi3) -> None:
     for key, expected in outputs.items():
         np.testing.assert_allclose(np.array(cached[f"layers.{key}"]), expected, atol=1e-4, err_msg=key)
     with pytest.raises(HookSpecError, match="'attention_pattern' is not offered"):
-        resolve_hook_specs(kit, [{"layer_name": 0, "component": "attention_pattern"}])
+        kit.resolve_hooks([{"layer_name": 0, "component": "attention_pattern"}])
     plain = [r.token for r in mlx_engine.create_generator(kit, ids, max_tokens=8)]
     captured = [r.token for r, _ in mlx_engine.create_generator_with_activations(kit, ids, hooks, max_tokens=8)]
     assert plain == captured

@@ -30,7 +30,7 @@ PROMPT = "def encode(self, obj):\n    return json.dumps(obj, indent=4)\n"
 
 def build_gpt_oss_4bit(path: Path):
     """A 4-bit MLX conversion of the tiny gpt-oss; its reference gets the dequantized weights."""
-    from mlx_engine.convert import quantize_checkpoint
+    from mlx_engine.tools.convert import quantize_checkpoint
 
     float_path, _ = tc.build_gpt_oss(path / "float")
     return quantize_checkpoint(float_path, path / "q4", bits=4, group_size=32), None
@@ -266,7 +266,7 @@ def test_every_component_every_layer_matches_transformers(arch) -> None:
 
 
 def _hook_ids(kit, hooks) -> list[str]:
-    return [r.hook_id for r in mlx_engine.hooks.resolve_hook_specs(kit, hooks)]
+    return [r.hook_id for r in kit.resolve_hooks(hooks)]
 
 
 def test_capturing_everything_changes_no_token(arch) -> None:

@@ -20,7 +20,7 @@ import torch
 import mlx_engine
 import tiny_checkpoints as tc
 from mlx_engine import HookSpecError, InterventionError
-from mlx_engine.interventions import describe_operations, parse_intervention, resolve_interventions
+from mlx_engine.interventions import OPS, parse_intervention, prepare_interventions
 
 ATOL = 1e-4
 RTOL = 1e-4
@@ -321,7 +321,7 @@ def test_mean_ablation_from_stored_captures(llama_kit) -> None:
     np.testing.assert_allclose(z[2], np.broadcast_to(z_mean[2][None], z[2].shape), atol=1e-6)
     np.testing.assert_array_equal(z[[0, 1, 3]], np.array(caches[0]["layers.1.z"])[[0, 1, 3]])
     # The server's path: a capture_id naming a stored capture.
-    (stored,) = resolve_interventions(
+    (stored,) = prepare_interventions(
         kit, [{"layer_name": 1, "component": "mlp", "op": "mean", "capture_id": "run-7"}], prompt_len=len(prompts[0]), sources={"run-7": caches[1]}
     )
     expected_vector = np.array(caches[1]["layers.1.mlp"]).mean(axis=0)
@@ -439,7 +439,7 @@ def test_other_refusals(gpt_oss_kit) -> None:
         mlx_engine.create_generator_with_activations(
             kit, ids, max_tokens=4, interventions=[{"layer_name": 1, "component": "mlp", "op": "patch", "source": cache, "positions": "generated"}]
         )
-    (resolved,) = resolve_interventions(kit, [{"layer_name": 1, "component": "mlp", "op": "zero"}], prompt_len=len(ids))
+    (resolved,) = prepare_interventions(kit, [{"layer_name": 1, "component": "mlp", "op": "zero"}], prompt_len=len(ids))
     with pytest.raises(InterventionError, match=rf"resolved for a {len(ids)}-token prompt, not 3"):
         mlx_engine.run_with_cache(kit, ids[:3], interventions=[resolved])
     assert resolved.metadata() == {
@@ -447,7 +447,7 @@ def test_other_refusals(gpt_oss_kit) -> None:
         "is_input": False, "op": "zero", "positions": "all",
     }
     assert parse_intervention({"layer_name": 1, "op": "zero", "positions": 3}).positions == (3,)
-    assert set(describe_operations()["ops"]) == {"add", "zero", "mean", "clamp", "scale", "patch"}
+    assert set(OPS) == {"add", "zero", "mean", "clamp", "scale", "patch"}
 
 
 def test_edits_arm_only_their_hooks_and_disarm_when_closed(llama_kit) -> None:

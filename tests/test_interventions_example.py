@@ -20,7 +20,7 @@ import torch
 
 import mlx_engine
 import tiny_checkpoints as tc
-from mlx_engine.model_kit import DEFAULT_MODEL_DIR
+from mlx_engine.loading import DEFAULT_MODEL_DIR
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "steering.py"
 

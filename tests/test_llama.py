@@ -25,8 +25,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from tiny_checkpoints import build_llama, load_reference, training_text
 
-from mlx_engine.convert import quantize_checkpoint
-from mlx_engine.model_kit import ModelKit, load_model
+from mlx_engine.tools.convert import quantize_checkpoint
+from mlx_engine.loading import ModelKit, load_model
 from mlx_engine.models.llama import ModelArgs
 from mlx_engine.models.rope import normalize_rope_config
 

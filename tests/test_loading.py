@@ -85,7 +85,7 @@ def test_rope_parameters_are_honoured(tmp_path: Path, llama_checkpoint: Path) ->
 
 
 def test_convert_round_trip(tmp_path: Path, llama_checkpoint: Path) -> None:
-    from mlx_engine.convert import quantize_checkpoint
+    from mlx_engine.tools.convert import quantize_checkpoint
 
     out = quantize_checkpoint(llama_checkpoint, tmp_path / "q4", bits=4, group_size=32)
     kit = mlx_engine.load_model(out)

@@ -37,7 +37,7 @@ from neuroscope_server import running_server
 
 import mlx_engine.integrations.neuroscope as neuroscope
 from mlx_engine.integrations.neuroscope.client import NeuroScopeClient
-from mlx_engine.model_kit import DEFAULT_MODEL_DIR
+from mlx_engine.loading import DEFAULT_MODEL_DIR
 
 CHROMIUM = Path("/usr/bin/chromium")
 MODULE = Path(neuroscope.__file__).resolve().parent / "js" / "neuroscope-client.mjs"
@@ -163,7 +163,7 @@ class RequestLog(logging.Handler):
 @contextmanager
 def api_server(page_origin: str, log: RequestLog) -> Iterator[str]:
     """The default model behind an API key, with CORS allowing only `page_origin`."""
-    logger = logging.getLogger("mlx_engine.api_server")
+    logger = logging.getLogger("mlx_engine.server")
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(log)

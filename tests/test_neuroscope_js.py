@@ -19,7 +19,7 @@ import pytest
 from neuroscope_server import running_server
 
 import mlx_engine.integrations.neuroscope as neuroscope
-from mlx_engine.encoding import encode_capture
+from mlx_engine.wire.codec import encode_capture
 from mlx_engine.hooks.capture import Capture
 from mlx_engine.integrations.neuroscope.client import NeuroScopeClient
 from mlx_engine.integrations.neuroscope.endpoints import JS_BEGIN, JS_END, endpoints_js

@@ -85,7 +85,7 @@ def curl_commands() -> list[str]:
 
 
 def test_every_endpoint_has_a_curl_example() -> None:
-    from mlx_engine.api_server import ServerConfig, create_app
+    from mlx_engine.server import ServerConfig, create_app
 
     app = create_app(ServerConfig())
     routes = {str(rule) for rule in app.url_map.iter_rules() if not str(rule).startswith("/static")}

@@ -21,7 +21,7 @@ import requests
 from test_server_http import start_server
 
 import mlx_engine
-from mlx_engine.encoding import decode_capture
+from mlx_engine.wire.codec import decode_capture
 
 ATOL = 1e-5
 USER = [{"role": "user", "content": "Write the json encoder."}]
@@ -194,7 +194,7 @@ def test_mean_ablation_from_a_stored_capture_equals_the_python_api(http, llama_k
     assert resp["generated_token_ids"] == tokens
     np.testing.assert_allclose(hook_rows(resp, "layers.2.residual"), python_rows(steps, "layers.2.residual"), atol=ATOL)
     # Downloaded captures record the edits they were taken under.
-    from mlx_engine.encoding import safetensors_to_captures
+    from mlx_engine.wire.files import safetensors_to_captures
 
     _, meta = safetensors_to_captures(ok_bytes(http("GET", f"/v1/activations/captures/{resp['capture_id']}")))
     assert json.loads(meta["interventions"])[0]["capture_id"] == other["capture_id"]
@@ -370,18 +370,20 @@ def test_wire_arrays_decode_as_the_activation_encoding_sends_them():
     import mlx.core as mx
     from pydantic import ValidationError
 
-    from mlx_engine.api_server.errors import to_error
-    from mlx_engine.api_server.interventions import to_engine
-    from mlx_engine.api_server.schemas import Intervention
-    from mlx_engine.encoding import encode_array
+    from mlx_engine.server.errors import to_error
+    from mlx_engine.server.intervention_sources import decode_wire_array
+    from mlx_engine.server.schemas.hooks_and_edits import Intervention
+    from mlx_engine.hooks.capture import mlx_to_numpy
+    from mlx_engine.wire.codec import encode_array
     from mlx_engine.interventions import InterventionError
 
     values = mx.array(np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4))
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
         for fmt in ("base64", "json"):
-            wire = encode_array(values.astype(dtype), fmt)  # {shape, dtype, data}, as captures travel
+            raw, name = mlx_to_numpy(values.astype(dtype))
+            wire = encode_array(raw, fmt, name)  # {shape, dtype, data}, as captures travel
             item = Intervention.model_validate_json(json.dumps({"layer_name": 0, "op": "patch", "values": {**wire, "encoding": fmt}}))
-            np.testing.assert_array_equal(to_engine(item, 0)["values"], np.array(values.astype(dtype).astype(mx.float32)))
+            np.testing.assert_array_equal(decode_wire_array(item.values, 0, "values"), np.array(values.astype(dtype).astype(mx.float32)))
     with pytest.raises(ValidationError, match="encoding is 'json' but data is a string"):
         Intervention.model_validate_json(json.dumps({"layer_name": 0, "op": "patch", "values": {"shape": [1], "encoding": "json", "data": "AAAAAA=="}}))
     status, body = to_error(InterventionError("interventions[0].heads: head 9 is out of range.", param="interventions[0].heads"))

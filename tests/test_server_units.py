@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mlx_engine.api_server.capture_store import CaptureStore
-from mlx_engine.api_server.engine import END, EngineThread
-from mlx_engine.api_server.errors import APIError, to_error
-from mlx_engine.api_server.registry import resolve_load_request
-from mlx_engine.api_server.schemas import ChatCompletionRequest, CompletionRequest
-from mlx_engine.api_server.streaming import sse_event
+from mlx_engine.server.capture_store import CaptureStore
+from mlx_engine.server.engine import END, EngineThread
+from mlx_engine.server.errors import APIError, to_error
+from mlx_engine.server.loaded_models import resolve_load_request
+from mlx_engine.server.schemas.requests import ChatCompletionRequest, CompletionRequest
+from mlx_engine.server.sse import sse_event
 from mlx_engine.hooks import CaptureBudgetError, HookSpecError
 
 
@@ -243,7 +243,7 @@ def test_sse_event_is_one_line_per_event():
 
 @pytest.fixture()
 def bare_app():
-    from mlx_engine.api_server import ServerConfig, create_app
+    from mlx_engine.server import ServerConfig, create_app
 
     app = create_app(ServerConfig(max_request_mb=0.001))
     yield app
@@ -251,7 +251,7 @@ def bare_app():
 
 
 def test_a_failure_mid_stream_becomes_an_error_event():
-    from mlx_engine.api_server.routes.common import sse_response
+    from mlx_engine.server.routes.common import sse_response
 
     def chunks():
         yield {"n": 1}

@@ -12,48 +12,24 @@ activations; the summary reports whether they did, which makes the demo a small
 end-to-end check of the OpenAI path against the streaming path as well.
 """
 
-from .layout import (
-    ATTENTION_PNG,
-    CAPTURE_FILE,
-    NEUROSCOPE_FILE,
-    RESIDUAL_PNG,
-    SMALLTALK_FILE,
-    SUMMARY_FILE,
-    DemoHooks,
-    choose_hooks,
-    new_run_folder,
-)
-from .pictures import (
-    ATTENTION_CELL,
-    CELL,
-    HEAD_GAP,
-    HEADS_PER_ROW,
-    attention_png_size,
-    write_attention_png,
-    write_residual_png,
-)
-from .run import add_demo_command, demo, run_demo
-from .summary import DemoRun
+from __future__ import annotations
 
-__all__ = [
-    "ATTENTION_CELL",
-    "ATTENTION_PNG",
-    "CAPTURE_FILE",
-    "CELL",
-    "DemoHooks",
-    "DemoRun",
-    "HEADS_PER_ROW",
-    "HEAD_GAP",
-    "NEUROSCOPE_FILE",
-    "RESIDUAL_PNG",
-    "SMALLTALK_FILE",
-    "SUMMARY_FILE",
-    "add_demo_command",
-    "attention_png_size",
-    "choose_hooks",
-    "demo",
-    "new_run_folder",
-    "run_demo",
-    "write_attention_png",
-    "write_residual_png",
-]
+import importlib
+from typing import Any
+
+# Layout (file names, hooks), pictures, the flow (run) and the summary, each its own module;
+# names are imported on first use so `mlx-engine --help` does not load numpy or Pillow.
+_EXPORTS = {
+    "ATTENTION_PNG": "layout", "CAPTURE_FILE": "layout", "NEUROSCOPE_FILE": "layout", "RESIDUAL_PNG": "layout",
+    "SMALLTALK_FILE": "layout", "SUMMARY_FILE": "layout", "DemoHooks": "layout", "choose_hooks": "layout",
+    "new_run_folder": "layout", "ATTENTION_CELL": "pictures", "CELL": "pictures", "HEAD_GAP": "pictures",
+    "HEADS_PER_ROW": "pictures", "attention_png_size": "pictures", "write_attention_png": "pictures",
+    "write_residual_png": "pictures", "demo": "run", "DemoRun": "summary",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

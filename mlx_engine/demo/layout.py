@@ -8,6 +8,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+DEFAULT_PROMPT = "Write a Python function that counts the lines in a text file."
+DEFAULT_MAX_TOKENS = 24
+DEFAULT_OUT_ROOT = "demo-output"
+
 SMALLTALK_DIALECT = "pharo"
 
 NEUROSCOPE_FILE = "neuroscope.json"

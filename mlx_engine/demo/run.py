@@ -19,6 +19,9 @@ from typing import Any, Callable, TypeVar
 from tqdm import tqdm
 
 from .layout import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_OUT_ROOT,
+    DEFAULT_PROMPT,
     ATTENTION_PNG,
     CAPTURE_FILE,
     NEUROSCOPE_FILE,
@@ -39,9 +42,6 @@ from .summary import DemoRun, write_summary
 
 T = TypeVar("T")
 
-DEFAULT_PROMPT = "Write a Python function that counts the lines in a text file."
-DEFAULT_MAX_TOKENS = 24
-DEFAULT_OUT_ROOT = "demo-output"
 
 
 # ----------------------------------------------------------------------------- server
@@ -68,8 +68,8 @@ def serving(target: str, model_id: str) -> Iterator[str]:
     must own the MLX arrays) under `model_id`, so the requests can name it as the user
     did. Leaving the block stops the HTTP server and then the engine thread.
     """
-    from ..api_server import ServerConfig, create_app, make_server
-    from ..api_server.state import EXTENSION_KEY
+    from ..server import ServerConfig, create_app, make_server
+    from ..server.state import EXTENSION_KEY
 
     config = ServerConfig(model=None, host="127.0.0.1", port=0, threads=4)
     app = create_app(config)
@@ -148,7 +148,7 @@ def _check_inputs(prompt: str, max_tokens: int) -> None:
         raise ValueError("--prompt must not be empty.")
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}.")
-    from ..api_server import ServerConfig
+    from ..server.config import ServerConfig
 
     limit = ServerConfig().max_tokens_limit
     if max_tokens > limit:
@@ -165,7 +165,7 @@ def demo(
     from ..integrations.neuroscope.client import NeuroScopeClient
     from ..integrations.neuroscope.format import convert_activations_for_neuroscope
     from ..integrations.neuroscope.smalltalk import generate_smalltalk_client
-    from ..model_kit import resolve_model_path
+    from ..loading import resolve_model_path
 
     _check_inputs(prompt, max_tokens)
     started = datetime.now()
@@ -238,20 +238,11 @@ def demo(
     return run
 
 
-def run_demo(
-    model: str = "default",
-    out_root: str | Path = DEFAULT_OUT_ROOT,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    prompt: str = DEFAULT_PROMPT,
-) -> Path:
-    """Run the whole demo (see the module docstring) and answer the new output folder."""
-    return demo(model=model, out_root=out_root, max_tokens=max_tokens, prompt=prompt).folder
-
-
 # ----------------------------------------------------------------------------- command line
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """`mlx-engine demo`: run the flow and print what it wrote (the last line is the folder)."""
     run = demo(model=args.model, out_root=args.out_root, max_tokens=args.max_tokens, prompt=args.prompt)
     print(f"model:     {run.model_id}")
     print(f"prompt:    {run.prompt!r}")
@@ -264,18 +255,3 @@ def _run(args: argparse.Namespace) -> int:
     print(f"finished in {run.timings['total']:.1f} s; open {SUMMARY_FILE} first. Output folder:")
     print(run.folder)
     return 0
-
-
-def add_demo_command(sub: argparse._SubParsersAction) -> None:
-    """`mlx-engine demo [--model M] [--out-root DIR] [--prompt TEXT] [--max-tokens N]`."""
-    p = sub.add_parser(
-        "demo",
-        help="serve a model, capture activations through the OpenAI and NeuroScope clients, and write a folder of results",
-        description=sys.modules[__package__].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default="default", help="local folder, Hugging Face repo id, or 'default' (the embedded model)")
-    p.add_argument("--out-root", default=DEFAULT_OUT_ROOT, help=f"folder that receives one new timestamped folder per run ({DEFAULT_OUT_ROOT})")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help=f"tokens to generate ({DEFAULT_MAX_TOKENS})")
-    p.set_defaults(func=_run)

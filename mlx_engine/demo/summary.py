@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..encoding import decode_capture
+from ..wire.codec import decode_capture
 from .layout import (
     ATTENTION_PNG,
     CAPTURE_FILE,

@@ -1,19 +1,45 @@
-"""The public capture API: generation with activations, and one forward with a cache."""
+"""The public generation API: streaming with activations, plain streaming, and one forward with a cache.
+
+There is one path: `create_generator` is `create_generator_with_activations` with no
+hooks. Hooks and interventions are resolved once, here, before anything runs (already
+resolved ones pass through), so a bad hook, a bad intervention or an over-budget
+request fails without generating.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from .generate import generate_steps
-from .generation_types import GenerationResult
-from .hooks.capture import Capture, StepActivations
-from .hooks.manager import CaptureBudgetError, CaptureSession, HookRequest, _estimate, _param_itemsize
-from .interventions import InterventionRequest, ResolvedIntervention, resolve_capture_edits, resolve_interventions
-from .model_kit import ModelKit, tokenize
+from ..hooks.budget import check_budget
+from ..hooks.capture import Capture, StepActivations
+from ..hooks.names import HookRequest, ResolvedHook, resolve_hooks
+from ..hooks.session import HookSession
+from ..interventions.ops import BoundIntervention, bind_interventions
+from ..interventions.resolve import InterventionRequest, resolve_interventions
+from ..loading import ModelKit, tokenize
+from .loop import Sampling, token_steps
+from .text import TextStream
+from .types import GenerationResult
+
+_SAMPLING_FIELDS = {f.name for f in fields(Sampling)}
+
+
+def _sampling(kwargs: dict[str, Any]) -> tuple[Sampling, tuple[str, ...]]:
+    unknown = set(kwargs) - _SAMPLING_FIELDS - {"stop_strings"}
+    if unknown:
+        raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; valid: {', '.join(sorted(_SAMPLING_FIELDS | {'stop_strings'}))}")
+    stop = tuple(kwargs.get("stop_strings") or ())
+    return Sampling(**{k: v for k, v in kwargs.items() if k in _SAMPLING_FIELDS}), stop
+
+
+def _bound(kit: ModelKit, interventions: Optional[Iterable[InterventionRequest]], prompt_len: int, max_tokens: int,
+           sources: Optional[Mapping[str, Any]]) -> list[BoundIntervention]:
+    resolved = resolve_interventions(kit.arch_info, kit.native, interventions)
+    return bind_interventions(resolved, prompt_len=prompt_len, max_tokens=max_tokens, sources=sources)
 
 
 def create_generator_with_activations(
@@ -23,45 +49,78 @@ def create_generator_with_activations(
     *,
     interventions: Optional[Iterable[InterventionRequest]] = None,
     capture_budget_bytes: Optional[int] = None,
+    sources: Optional[Mapping[str, Any]] = None,
     **generation_kwargs: Any,
 ) -> Iterator[tuple[GenerationResult, StepActivations]]:
     """Stream (result, activations) pairs; activations maps hook id to this step's captures.
 
-    The request is validated and its capture size estimated before anything runs, so
-    a bad hook, a bad intervention or an over-budget request fails without generating.
-    `interventions` (see mlx_engine.interventions) edit the model's tensors in the same
-    run: a capture downstream of an edit sees the edited value, and a capture at the
-    edited hook itself sees it "after" the edit unless its spec says `"edit": "before"`.
-    Captures are evaluated together with the step's logits; nothing is kept after a step
-    is handed out.
+    Keyword arguments: max_tokens, temp, top_p, top_k, min_p, seed, stop_strings,
+    top_logprobs, prefill_step_size. `interventions` (see mlx_engine.interventions) edit
+    the model's tensors in the same run: a capture downstream of an edit sees the edited
+    value, and a capture at the edited hook itself sees it "after" the edit unless its spec
+    says `"edit": "before"`. `sources` maps a `capture_id` to a stored capture. Captures are
+    evaluated together with the step's logits; nothing is kept after a step is handed out.
     """
-    resolved, capture_edits = resolve_capture_edits(kit, list(activation_hooks))
-    edits = resolve_interventions(
-        kit, interventions, prompt_len=len(prompt_tokens), max_tokens=generation_kwargs.get("max_tokens", 256)
-    )
+    sampling, stop = _sampling(generation_kwargs)
+    hooks = resolve_hooks(kit.arch_info, kit.native, activation_hooks)
+    edits = _bound(kit, interventions, len(prompt_tokens), sampling.max_tokens, sources)
     if capture_budget_bytes is not None:
-        estimate = _estimate(
-            kit.arch_info, resolved, len(prompt_tokens), generation_kwargs.get("max_tokens", 256), _param_itemsize(kit)
-        )
-        if estimate > capture_budget_bytes:
-            raise CaptureBudgetError(estimate, capture_budget_bytes)
-    return _run(kit, prompt_tokens, resolved, generation_kwargs, edits, capture_edits)
+        check_budget(kit.arch_info, hooks, len(prompt_tokens), sampling.max_tokens, kit.activation_itemsize, capture_budget_bytes)
+    return _generate(kit, prompt_tokens, hooks, edits, sampling, stop)
 
 
-def _run(
+def _generate(
     kit: ModelKit,
     prompt_tokens: Sequence[int],
-    resolved: list,
-    generation_kwargs: dict,
-    edits: Sequence[ResolvedIntervention] = (),
-    capture_edits: Optional[dict[str, str]] = None,
+    hooks: list[ResolvedHook],
+    edits: list[BoundIntervention],
+    sampling: Sampling,
+    stop: tuple[str, ...],
 ) -> Iterator[tuple[GenerationResult, StepActivations]]:
-    session = CaptureSession(kit, resolved, edits, capture_edits)
+    session = HookSession(kit.hook_points, hooks, edits)
     session.arm()
     try:
-        yield from generate_steps(kit, prompt_tokens, recorder=session, **generation_kwargs)
+        text = TextStream(kit.tokenizer.detokenizer, kit.eos_token_ids, stop, sampling.max_tokens)
+        for step in token_steps(kit, prompt_tokens, session, sampling):
+            piece, finish = text.push(step.token, step.step)
+            result = GenerationResult(
+                text=piece,
+                token=step.token,
+                step=step.step,
+                logprob=step.logprob,
+                top_logprobs=step.top_logprobs,
+                finish_reason=finish,
+                prompt_tokens=len(prompt_tokens),
+                generation_tokens=step.step + 1,
+                prompt_tps=step.prompt_tps,
+                generation_tps=step.generation_tps,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+            )
+            yield result, step.activations
+            if finish is not None:
+                break
     finally:
         session.disarm()
+
+
+def create_generator(
+    kit: ModelKit, prompt_tokens: Sequence[int], *, interventions: Optional[Iterable[InterventionRequest]] = None, **generation_kwargs: Any
+) -> Iterator[GenerationResult]:
+    """Stream GenerationResults for a prompt: the capture loop with no hooks.
+
+    Takes the keyword arguments of `create_generator_with_activations`; interventions are
+    checked here, before the first token is asked for.
+    """
+    steps = create_generator_with_activations(kit, prompt_tokens, (), interventions=interventions, **generation_kwargs)
+    return _results(steps)
+
+
+def _results(steps: Iterator[tuple[GenerationResult, StepActivations]]) -> Iterator[GenerationResult]:
+    try:
+        for result, _ in steps:
+            yield result
+    finally:
+        steps.close()  # type: ignore[attr-defined]  # disarms an intervention session at once
 
 
 @dataclass
@@ -82,6 +141,7 @@ def run_with_cache(
     hooks: Iterable[HookRequest] = (),
     *,
     interventions: Optional[Iterable[InterventionRequest]] = None,
+    sources: Optional[Mapping[str, Any]] = None,
 ) -> CacheResult:
     """Run the prompt once (no generation) and return every requested hook's tensor.
 
@@ -91,9 +151,9 @@ def run_with_cache(
     tokens = tokenize(kit, text_or_tokens) if isinstance(text_or_tokens, str) else [int(t) for t in text_or_tokens]
     if not tokens:
         raise ValueError("The prompt is empty: give at least one token.")
-    resolved, capture_edits = resolve_capture_edits(kit, list(hooks))
-    edits = resolve_interventions(kit, interventions, prompt_len=len(tokens))
-    session = CaptureSession(kit, resolved, edits, capture_edits)
+    resolved = resolve_hooks(kit.arch_info, kit.native, hooks)
+    edits = _bound(kit, interventions, len(tokens), 0, sources)
+    session = HookSession(kit.hook_points, resolved, edits)
     session.arm()
     try:
         cache = make_prompt_cache(kit.model)
@@ -104,12 +164,8 @@ def run_with_cache(
         session.disarm()
     arrays = [logits]
     for c in captures:
-        arrays.append(c.array)
-        arrays.extend(c.extras.values())
-        if isinstance(c.key_positions, mx.array):
-            arrays.append(c.key_positions)
+        arrays.extend(c.lazy_arrays())
     mx.eval(*arrays)
     for c in captures:
-        if isinstance(c.key_positions, mx.array):
-            c.key_positions = c.key_positions.tolist()
+        c.settle()
     return CacheResult(tokens=tokens, logits=logits, activations={c.hook_id: c for c in captures})

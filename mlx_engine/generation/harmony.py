@@ -188,13 +188,3 @@ class HarmonyStreamParser:
         if self._route is Route.REASONING:
             return HarmonyDelta(reasoning=text, route=Route.REASONING)
         return HarmonyDelta(content=text, route=Route.CONTENT)
-
-
-def parse_harmony(decode: Decode, tokens: HarmonyTokens, ids: Sequence[int], in_header: bool = True) -> tuple[str, str]:
-    """(content, reasoning) of a whole completion; the same parse as streaming."""
-    parser = HarmonyStreamParser(decode, tokens, in_header=in_header)
-    total = HarmonyDelta()
-    for token in ids:
-        total = total + parser.push(token)
-    total = total + parser.finish()
-    return total.content, total.reasoning

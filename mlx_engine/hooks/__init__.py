@@ -1,38 +1,32 @@
-"""The hook system: what can be captured, how requests name it, and the manager."""
+"""The hook system: what can be captured (components), how a request names it (names),
+what one pass captured (capture), arming a run's sites (session), registered hooks
+(registry), the listing clients read (listing) and the capture budget (budget)."""
 
+from .architecture import ArchitectureInfo
+from .budget import CaptureBudgetError, estimate_capture_bytes
 from .capture import Capture, StepActivations
 from .components import CORE_COMPONENTS, ComponentType
-from .hook_point import HookPoint
-from .manager import (
-    ActivationHookManager,
-    CaptureBudgetError,
-    CaptureSession,
-    HookBusyError,
-    describe_hook_points,
-    estimate_capture_bytes,
-)
-from .spec import ActivationHookSpec, HookSpecError, ResolvedHook, resolve_hook_specs as _resolve_specs
-
-
-def resolve_hook_specs(kit, specs):  # type: ignore[no-untyped-def]
-    """Resolve hook requests against a loaded model (raises HookSpecError listing what is valid)."""
-    return _resolve_specs(kit.arch_info, specs, kit.native)
-
+from .listing import describe_hook_points
+from .names import ActivationHookSpec, HookSpecError, ResolvedHook, resolve_hooks
+from .point import HookPoint
+from .registry import ActivationHookManager
+from .session import HookBusyError, HookSession
 
 __all__ = [
     "ActivationHookManager",
     "ActivationHookSpec",
+    "ArchitectureInfo",
     "Capture",
     "CaptureBudgetError",
-    "CaptureSession",
     "ComponentType",
     "CORE_COMPONENTS",
     "HookBusyError",
     "HookPoint",
+    "HookSession",
     "HookSpecError",
     "ResolvedHook",
     "StepActivations",
     "describe_hook_points",
     "estimate_capture_bytes",
-    "resolve_hook_specs",
+    "resolve_hooks",
 ]

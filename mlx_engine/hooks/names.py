@@ -1,19 +1,22 @@
-"""Hook requests and how their names resolve to capture sites.
+"""Hook requests and how their names resolve to capture sites: the one place a hook is resolved.
 
 A request names a layer (`5`, `layers.5`, `model.layers.5`, `transformer.h.5`,
 `blocks.5`, a module path such as `model.layers.5.self_attn`) and a component, or
 gives a TransformerLens hook name (`blocks.5.attn.hook_pattern`) that implies both.
-Each request resolves to a site of the model's code (see models/base.py) and a hook id.
+Each request resolves to a site of the model's code (see models/base.py) and a hook id,
+once: a `ResolvedHook` passes through `resolve_hooks` unchanged, so the server resolves
+on the request thread and the engine only arms what it is given.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Iterable, Optional, Union
 
-from ..models.base import ArchitectureInfo
-from .components import ComponentType
+from .architecture import ArchitectureInfo
+from .components import MODULE_COMPONENTS, ComponentType
 
 
 class HookSpecError(ValueError):
@@ -33,20 +36,39 @@ class ActivationHookSpec:
     hook_id: Optional[str] = None
     capture_input: bool = False
     capture_output: bool = True
+    # Where an intervention edits the same site: capture "before" or "after" (default) the edit.
+    edit: Optional[str] = None
 
     @classmethod
-    def from_any(cls, spec: Union["ActivationHookSpec", dict[str, Any], str]) -> "ActivationHookSpec":
+    def from_any(cls, spec: "HookRequest") -> "ActivationHookSpec":
+        """A spec from a dict, a name, or any object with the spec's attributes (a request schema)."""
         if isinstance(spec, ActivationHookSpec):
             return spec
         if isinstance(spec, str):
             return cls(layer_name=spec)
         if not isinstance(spec, dict):
+            if hasattr(spec, "layer_name"):
+                component = getattr(spec, "component", None)
+                return cls(
+                    layer_name=spec.layer_name,
+                    component=component.value if isinstance(component, Enum) else component,
+                    hook_id=getattr(spec, "hook_id", None),
+                    capture_input=getattr(spec, "capture_input", False),
+                    capture_output=getattr(spec, "capture_output", True),
+                    edit=getattr(spec, "edit", None),
+                )
             raise HookSpecError(f"A hook spec is a dict like {{'layer_name': 5, 'component': 'residual'}}, got {spec!r}.")
-        unknown = set(spec) - {"layer_name", "component", "hook_id", "capture_input", "capture_output", "layer"}
+        unknown = set(spec) - {"layer_name", "component", "hook_id", "capture_input", "capture_output", "layer", "edit"}
         if unknown:
             raise HookSpecError(
                 f"Unknown hook spec field(s) {sorted(unknown)}; valid: layer_name, component, hook_id, "
-                "capture_input, capture_output."
+                "capture_input, capture_output, edit."
+            )
+        if spec.get("edit") not in (None, "before", "after"):
+            raise HookSpecError(
+                f"'edit' must be 'before' or 'after' (the capture sees the tensor before or after an intervention "
+                f"at the same hook), got {spec['edit']!r}.",
+                param="edit",
             )
         layer_name = spec.get("layer_name", spec.get("layer"))
         if layer_name is None:
@@ -62,6 +84,7 @@ class ActivationHookSpec:
             hook_id=spec.get("hook_id"),
             capture_input=spec.get("capture_input", False),
             capture_output=spec.get("capture_output", True),
+            edit=spec.get("edit"),
         )
 
 
@@ -75,7 +98,21 @@ class ResolvedHook:
     layer_name: str  # canonical: "layers.{i}", "embedding" or "final_norm"
     component: ComponentType
     is_input: bool
+    # Where an intervention edits the same site: "before" or "after" (None: after, the default).
+    edit: Optional[str] = None
 
+    def listing(self) -> dict[str, Any]:
+        """The registered-hook listing entry (GET /v1/activations/hooks)."""
+        return {
+            "hook_id": self.hook_id,
+            "layer_name": self.layer_name,
+            "layer": self.layer,
+            "component": self.component.value,
+            "is_input": self.is_input,
+        }
+
+
+HookRequest = Union[ActivationHookSpec, ResolvedHook, dict[str, Any], str, Any]
 
 C = ComponentType
 
@@ -193,26 +230,32 @@ def offered_components(info: ArchitectureInfo, native: bool) -> tuple[ComponentT
     if info.offered is not None:
         return tuple(ComponentType(c) for c in info.offered)
     if not native:
-        return (C.EMBEDDING, C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM)
+        return MODULE_COMPONENTS
     comps = [c for c in ComponentType if c is not C.ROUTER]
     if info.n_experts:
         comps.append(C.ROUTER)
     return tuple(comps)
 
 
-def resolve_hook_specs(
-    info: ArchitectureInfo, specs: Iterable[Union[ActivationHookSpec, dict[str, Any], str]], native: bool = True
-) -> list[ResolvedHook]:
-    """Resolve requests to captures; raise HookSpecError (listing what is valid) on any bad one."""
+def resolve_hooks(info: ArchitectureInfo, native: bool, specs: Iterable[HookRequest]) -> list[ResolvedHook]:
+    """Resolve requests to captures; raise HookSpecError (listing what is valid) on any bad one.
+
+    Already-resolved hooks pass through, so a caller that resolved early (the server's
+    request thread, a hook registry) never resolves again.
+    """
     offered = offered_components(info, native)
     resolved: list[ResolvedHook] = []
     seen: set[str] = set()
     for index, raw in enumerate(specs):
+        if isinstance(raw, ResolvedHook):
+            resolved.append(raw)
+            continue
         try:
             spec = ActivationHookSpec.from_any(raw)
             resolved.extend(_resolve_one(spec, info, offered))
         except HookSpecError as exc:
-            raise HookSpecError(f"activation_hooks[{index}]: {exc}", param=f"activation_hooks[{index}]") from None
+            field = f".{exc.param}" if exc.param in ("edit",) else ""
+            raise HookSpecError(f"activation_hooks[{index}]: {exc}", param=f"activation_hooks[{index}]{field}") from None
     for r in resolved:
         if r.hook_id in seen:
             raise HookSpecError(f"Hook id {r.hook_id!r} is requested twice; give each hook a distinct hook_id.")
@@ -253,7 +296,7 @@ def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tupl
     if special == "embedding":
         if capture_input:
             raise HookSpecError("The embedding has no input tensor to capture (its input is token ids).")
-        return [ResolvedHook(spec.hook_id or "embedding", "embedding", None, "embedding", C.EMBEDDING, False)]
+        return [ResolvedHook(spec.hook_id or "embedding", "embedding", None, "embedding", C.EMBEDDING, False, spec.edit)]
     if special == "final_norm":
         if component is not C.LAYERNORM:
             raise HookSpecError(f"The final norm offers only the 'layernorm' component, not {component.value!r}.")
@@ -261,7 +304,7 @@ def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tupl
             raise HookSpecError(
                 f"The final norm's input is layer {info.num_layers - 1}'s residual output; capture that instead."
             )
-        return [ResolvedHook(spec.hook_id or "final_norm", "final_norm", None, "final_norm", C.LAYERNORM, False)]
+        return [ResolvedHook(spec.hook_id or "final_norm", "final_norm", None, "final_norm", C.LAYERNORM, False, spec.edit)]
 
     if not 0 <= layer < info.num_layers:
         raise HookSpecError(
@@ -278,5 +321,5 @@ def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tupl
         hook_id = base_id
         if is_input:
             hook_id = f"{base_id}.input" if (capture_output or spec.hook_id is None) else base_id
-        out.append(ResolvedHook(hook_id, f"layers.{layer}.{site}", layer, f"layers.{layer}", component, is_input))
+        out.append(ResolvedHook(hook_id, f"layers.{layer}.{site}", layer, f"layers.{layer}", component, is_input, spec.edit))
     return out

@@ -2,7 +2,7 @@
 
 MLX modules have no forward hooks and Python looks `__call__` up on the type, so a
 capture site must be an explicit call in the model's own forward. An unarmed
-HookPoint is one branch that hands its input back; the manager arms it by setting
+HookPoint is one branch that hands its input back; a hook session arms it by setting
 `fn`, which may record the tensor (capture) or return an edited one (intervention).
 """
 

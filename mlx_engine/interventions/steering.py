@@ -10,16 +10,16 @@ its length: a prompt's positions are averaged first, then the prompts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .activations import run_with_cache
-from .hooks.components import ComponentType
-from .hooks.spec import HookSpecError, resolve_hook_specs
-from .interventions import HEAD_COMPONENTS, InterventionError
-from .model_kit import ModelKit, tokenize
+from ..generation.api import run_with_cache
+from ..hooks.components import DIRECTION_COMPONENTS
+from ..hooks.names import HookSpecError, resolve_hooks
+from ..loading import ModelKit, tokenize
+from .spec import InterventionError
 
 Prompt = Union[str, Sequence[int]]
 
@@ -29,6 +29,8 @@ class SteeringVector:
     """A direction at one hook point, and how it was made."""
 
     vector: mx.array  # [d_model], float32
+    hook_id: str  # canonical id of the site it was measured at
+    layer: Optional[int]
     layer_name: str  # canonical "layers.{i}" (or "embedding")
     component: str
     capture_input: bool
@@ -94,10 +96,10 @@ def steering_vector(
                 raise InterventionError(f"'{name}' holds an empty prompt.", param=name)
     hook = {"layer_name": layer, "component": component, "capture_input": capture_input, "capture_output": not capture_input}
     try:
-        (resolved,) = resolve_hook_specs(kit.arch_info, [hook], kit.native)
+        (resolved,) = resolve_hooks(kit.arch_info, kit.native, [hook])
     except HookSpecError as exc:
         raise InterventionError(str(exc).removeprefix("activation_hooks[0]: "), param="layer") from None
-    if resolved.component in HEAD_COMPONENTS or resolved.component in (ComponentType.ATTENTION_SCORES, ComponentType.ATTENTION_PATTERN, ComponentType.ROUTER):
+    if resolved.component not in DIRECTION_COMPONENTS:
         raise InterventionError(
             f"a steering vector lives in a [T, d_model] tensor; {resolved.component.value!r} is not one "
             "(use residual, attention, mlp, layernorm or embedding).",
@@ -110,6 +112,8 @@ def steering_vector(
     vector = mx.array((means["positive"] - means["negative"]).astype(np.float32))
     return SteeringVector(
         vector=vector,
+        hook_id=resolved.hook_id,
+        layer=resolved.layer,
         layer_name=resolved.layer_name,
         component=resolved.component.value,
         capture_input=resolved.is_input,

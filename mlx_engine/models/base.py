@@ -1,189 +1,66 @@
-"""What every native architecture shares: capture sites per block, the attention
-computation with its fused and explicit paths, and the facts the hook manager needs.
+"""What every native architecture shares: the capture sites of a block, and the model-level
+plumbing (hook points, caches) that would otherwise be repeated per architecture.
 
-Hook tensors keep the batch axis (batch is always 1 here); the manager drops it.
+Hook tensors keep the batch axis (batch is always 1 here); the hook session drops it.
 Shapes handed to hook points:
   [B, T, d_model]       embedding, resid_pre, layernorm, attention, mlp_in, mlp, residual, final_norm
   [B, H, T, head_dim]   query (H = n_heads), key and value (H = n_kv_heads), z (H = n_heads)
   [B, H, T, S]          attention_scores, attention_pattern (context: key_positions [S])
   [B, T, n_experts]     router logits (context: experts [B, T, k], weights [B, T, k])
+See docs/architecture.md for what each component means.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from ..hooks.hook_point import HookPoint
-
-# Capture sites inside one block, in forward order. `resid_pre` is the block input
-# (residual and layernorm inputs), `mlp_in` the output of the post-attention norm.
-BLOCK_SITES: tuple[str, ...] = (
-    "resid_pre",
-    "layernorm",
-    "query",
-    "key",
-    "value",
-    "attention_scores",
-    "attention_pattern",
-    "z",
-    "attention",
-    "mlp_in",
-    "mlp",
-    "router",
-    "residual",
-)
-MODEL_SITES: tuple[str, ...] = ("embedding", "final_norm")
+from ..hooks.point import HookPoint
 
 
 class BlockHooks:
-    """The HookPoints of block `layer` (`layers.{layer}.{site}`)."""
+    """The HookPoints of block `layer` (`layers.{layer}.{site}`), in forward order.
 
-    def __init__(self, layer: int, sites: tuple[str, ...] = BLOCK_SITES) -> None:
+    `resid_pre` is the block input (residual and layernorm inputs), `mlp_in` the output
+    of the post-attention norm. `router` exists on mixture-of-experts blocks only.
+    """
+
+    def __init__(self, layer: int, moe: bool = False) -> None:
         self.layer = layer
-        self.sites = sites
-        for site in sites:
-            setattr(self, site, HookPoint(f"layers.{layer}.{site}"))
+        name = f"layers.{layer}"
+        self.resid_pre = HookPoint(f"{name}.resid_pre")
+        self.layernorm = HookPoint(f"{name}.layernorm")
+        self.query = HookPoint(f"{name}.query")
+        self.key = HookPoint(f"{name}.key")
+        self.value = HookPoint(f"{name}.value")
+        self.attention_scores = HookPoint(f"{name}.attention_scores")
+        self.attention_pattern = HookPoint(f"{name}.attention_pattern")
+        self.z = HookPoint(f"{name}.z")
+        self.attention = HookPoint(f"{name}.attention")
+        self.mlp_in = HookPoint(f"{name}.mlp_in")
+        self.mlp = HookPoint(f"{name}.mlp")
+        self.router: Optional[HookPoint] = HookPoint(f"{name}.router") if moe else None
+        self.residual = HookPoint(f"{name}.residual")
 
     def points(self) -> dict[str, HookPoint]:
-        return {getattr(self, s).name: getattr(self, s) for s in self.sites}
+        points = [
+            self.resid_pre, self.layernorm, self.query, self.key, self.value, self.attention_scores,
+            self.attention_pattern, self.z, self.attention, self.mlp_in, self.mlp, self.router, self.residual,
+        ]
+        return {p.name: p for p in points if p is not None}
 
     @property
     def wants_explicit_attention(self) -> bool:
         return self.attention_scores.fn is not None or self.attention_pattern.fn is not None
 
 
-@dataclass(frozen=True)
-class ArchitectureInfo:
-    """Dimensions and layout the hook manager reports and validates against."""
+class ModelHooks:
+    """The model-level capture sites: the embedding (what enters block 0) and the final norm's output."""
 
-    model_type: str
-    num_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    n_experts: Optional[int] = None
-    experts_per_token: Optional[int] = None
-    sliding_window: Optional[int] = None
-    # Per layer: "full_attention" or "sliding_attention".
-    layer_types: tuple[str, ...] = field(default_factory=tuple)
-    # Canonical module path prefix of the blocks in the checkpoint ("model.layers", "transformer.h").
-    block_prefix: str = "model.layers"
-    # Components the model's code can capture; None means all that the architecture has.
-    offered: Optional[tuple[str, ...]] = None
-
-
-def key_positions(cache: Any, n_keys: int, n_new: int) -> mx.array:
-    """Absolute token positions of the key columns a cache just returned.
-
-    KVCache returns keys in order from position 0. RotatingKVCache returns them in
-    order after a multi-token update, and as a ring buffer after a one-token update:
-    the slot just written (`_idx - 1`) holds the newest position.
-    """
-    if cache is None:
-        return mx.arange(n_keys)
-    end = cache.offset
-    if isinstance(cache, RotatingKVCache) and n_new == 1 and end > n_keys:
-        slots = mx.arange(n_keys)
-        newest_slot = cache._idx - 1
-        return (end - 1) - ((newest_slot - slots) % n_keys)
-    return mx.arange(end - n_keys, end)
-
-
-def _is_ring_order(cache: Any, n_keys: int, n_new: int) -> bool:
-    return (
-        isinstance(cache, RotatingKVCache)
-        and n_new == 1
-        and cache.offset > n_keys
-        and cache._idx != n_keys
-    )
-
-
-def attend(
-    queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
-    *,
-    hooks: BlockHooks,
-    cache: Any,
-    scale: float,
-    mask: Union[None, str, mx.array],
-    window: Optional[int] = None,
-    sinks: Optional[mx.array] = None,
-) -> mx.array:
-    """Attention over new queries/keys/values [B, H, T, D] (RoPE already applied).
-
-    Calls the query/key/value/score/pattern/z hook points, updates the cache, and
-    computes attention fused (`mx.fast.scaled_dot_product_attention`) unless scores or
-    the pattern are armed, when it computes them explicitly so they can be captured.
-    Returns [B, n_heads, T, D] before the output projection.
-    """
-    queries = hooks.query(queries)
-    keys = hooks.key(keys)
-    values = hooks.value(values)
-    n_new = queries.shape[2]
-    offset = cache.offset if cache is not None else 0
-    if cache is not None:
-        keys, values = cache.update_and_fetch(keys, values)
-
-    if hooks.wants_explicit_attention:
-        out = _explicit_attention(queries, keys, values, hooks, cache, offset, n_new, scale, window, sinks)
-    else:
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
-    return hooks.z(out)
-
-
-def _explicit_attention(
-    queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
-    hooks: BlockHooks,
-    cache: Any,
-    offset: int,
-    n_new: int,
-    scale: float,
-    window: Optional[int],
-    sinks: Optional[mx.array],
-) -> mx.array:
-    """Scores, mask, softmax (with sinks) and weighted sum, written out so each can be captured."""
-    B, n_heads, T, D = queries.shape
-    n_kv, S = keys.shape[1], keys.shape[2]
-    positions = key_positions(cache, S, n_new)
-    if _is_ring_order(cache, S, n_new):
-        # Present key columns in temporal order; attention is order-free over keys.
-        order = mx.argsort(positions)
-        positions = positions[order]
-        keys = keys[:, :, order]
-        values = values[:, :, order]
-
-    groups = n_heads // n_kv
-    q = queries.astype(mx.float32).reshape(B, n_kv, groups, T, D)
-    k = keys.astype(mx.float32)[:, :, None]
-    scores = (q * scale) @ k.swapaxes(-1, -2)  # [B, n_kv, groups, T, S]
-    scores = scores.reshape(B, n_heads, T, S)
-
-    query_pos = mx.arange(offset, offset + T)[:, None]
-    allowed = positions[None, :] <= query_pos
-    if window is not None:
-        allowed = allowed & (positions[None, :] > query_pos - window)
-    scores = mx.where(allowed, scores, -mx.inf)
-    scores = hooks.attention_scores(scores, key_positions=positions)
-
-    if sinks is not None:
-        sink_logits = mx.broadcast_to(sinks.astype(mx.float32)[None, :, None, None], (B, n_heads, T, 1))
-        probs = mx.softmax(mx.concatenate([scores, sink_logits], axis=-1), axis=-1, precise=True)[..., :-1]
-    else:
-        probs = mx.softmax(scores, axis=-1, precise=True)
-    probs = hooks.attention_pattern(probs, key_positions=positions)
-
-    v = values.astype(mx.float32)[:, :, None]
-    out = probs.reshape(B, n_kv, groups, T, S) @ v
-    return out.reshape(B, n_heads, T, D).astype(queries.dtype)
+    def __init__(self) -> None:
+        self.embedding = HookPoint("embedding")
+        self.final_norm = HookPoint("final_norm")
 
 
 def make_caches(layer_types: tuple[str, ...], sliding_window: Optional[int]) -> list[Any]:
@@ -192,3 +69,23 @@ def make_caches(layer_types: tuple[str, ...], sliding_window: Optional[int]) -> 
         RotatingKVCache(max_size=sliding_window) if lt == "sliding_attention" else KVCache()
         for lt in layer_types
     ]
+
+
+class InstrumentedModel:
+    """Mixed into each architecture's `Model`: its hook points and caches, from `layers`,
+    `model_hooks`, `layer_types` and `sliding_window` (which each Model defines)."""
+
+    layers: list[Any]
+    model_hooks: ModelHooks
+    layer_types: tuple[str, ...]
+    sliding_window: Optional[int]
+
+    def make_cache(self) -> list[Any]:
+        return make_caches(tuple(self.layer_types), self.sliding_window)
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        points = {"embedding": self.model_hooks.embedding}
+        for layer in self.layers:
+            points.update(layer.hooks.points())
+        points["final_norm"] = self.model_hooks.final_norm
+        return points

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import mlx.nn as nn
 
-from ..hooks.hook_point import HookPoint
-from .base import ArchitectureInfo
+from ..hooks.architecture import ArchitectureInfo
+from ..hooks.point import HookPoint
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "mixer")
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")

@@ -18,10 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 
-from ..hooks.hook_point import HookPoint
-from .base import BLOCK_SITES, ArchitectureInfo, BlockHooks, attend, make_caches
-
-DENSE_SITES: tuple[str, ...] = tuple(s for s in BLOCK_SITES if s != "router")
+from ..hooks.architecture import ArchitectureInfo
+from .attention import attend
+from .base import BlockHooks, InstrumentedModel, ModelHooks
 
 ACTIVATIONS = {
     "gelu_new": nn.gelu_approx,
@@ -108,7 +107,7 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(args, layer)
         self.ln_2 = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
         self.mlp = MLP(args)
-        self.hooks = BlockHooks(layer, DENSE_SITES)
+        self.hooks = BlockHooks(layer)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Optional[Any] = None) -> mx.array:
         hooks = self.hooks
@@ -126,22 +125,21 @@ class GPT2Model(nn.Module):
         self.wpe = nn.Embedding(args.n_positions, args.n_embd)
         self.h = [TransformerBlock(args, i) for i in range(args.n_layer)]
         self.ln_f = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
-        self.hook_embedding = HookPoint("embedding")
-        self.hook_final_norm = HookPoint("final_norm")
+        self.hooks = ModelHooks()
 
     def __call__(self, inputs: mx.array, cache: Optional[list[Any]] = None) -> mx.array:
         L = inputs.shape[1]
         if cache is None:
             cache = [None] * len(self.h)
         offset = cache[0].offset if cache[0] is not None else 0
-        h = self.hook_embedding(self.wte(inputs) + self.wpe(mx.arange(offset, offset + L)))
+        h = self.hooks.embedding(self.wte(inputs) + self.wpe(mx.arange(offset, offset + L)))
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.h, cache):
             h = layer(h, mask, cache=c)
-        return self.hook_final_norm(self.ln_f(h))
+        return self.hooks.final_norm(self.ln_f(h))
 
 
-class Model(nn.Module):
+class Model(nn.Module, InstrumentedModel):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
@@ -182,15 +180,17 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.h
 
-    def make_cache(self) -> list[Any]:
-        return make_caches(("full_attention",) * self.args.n_layer, None)
+    @property
+    def model_hooks(self) -> ModelHooks:
+        return self.model.hooks
 
-    def hook_points(self) -> dict[str, HookPoint]:
-        points = {"embedding": self.model.hook_embedding}
-        for layer in self.layers:
-            points.update(layer.hooks.points())
-        points["final_norm"] = self.model.hook_final_norm
-        return points
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        return ("full_attention",) * self.args.n_layer
+
+    @property
+    def sliding_window(self) -> Optional[int]:
+        return None
 
     @property
     def arch_info(self) -> ArchitectureInfo:

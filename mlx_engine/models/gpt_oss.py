@@ -18,9 +18,10 @@ from mlx_lm.models.activations import SwigluOAI
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from ..hooks.hook_point import HookPoint
-from .base import ArchitectureInfo, BlockHooks, attend, make_caches
-from .rope import make_rope, normalize_rope_config
+from ..hooks.architecture import ArchitectureInfo
+from .attention import attend
+from .base import BlockHooks, InstrumentedModel, ModelHooks
+from .rope import lift_rope_parameters, make_rope
 
 
 @dataclass
@@ -47,10 +48,7 @@ class ModelArgs(BaseModelArgs):
     layer_types: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope_parameters, dict) and "rope_theta" in self.rope_parameters:
-            rope = normalize_rope_config({"rope_parameters": self.rope_parameters})
-            self.rope_theta = rope["rope_theta"]
-            self.rope_scaling = rope["rope_scaling"]
+        lift_rope_parameters(self)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.layer_types is None:
@@ -87,9 +85,9 @@ class Attention(nn.Module):
     def __call__(
         self,
         x: mx.array,
-        mask: Union[None, str, mx.array],
-        cache: Any,
         hooks: BlockHooks,
+        mask: Union[None, str, mx.array] = None,
+        cache: Optional[Any] = None,
     ) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).swapaxes(1, 2)
@@ -152,13 +150,13 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.hooks = BlockHooks(layer)
+        self.hooks = BlockHooks(layer, moe=True)
 
     def __call__(self, x: mx.array, mask: Union[None, str, mx.array], cache: Any = None) -> mx.array:
         hooks = self.hooks
         x = hooks.resid_pre(x)
         h = hooks.layernorm(self.input_layernorm(x))
-        x = x + hooks.attention(self.self_attn(h, mask, cache, hooks))
+        x = x + hooks.attention(self.self_attn(h, hooks, mask, cache))
         m = hooks.mlp_in(self.post_attention_layernorm(x))
         m = hooks.mlp(self.mlp(m, hooks))
         return hooks.residual(x + m)
@@ -171,8 +169,7 @@ class GptOssMoeModel(nn.Module):
         self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.window = args.sliding_window
-        self.hook_embedding = HookPoint("embedding")
-        self.hook_final_norm = HookPoint("final_norm")
+        self.hooks = ModelHooks()
 
     def __call__(
         self,
@@ -181,7 +178,7 @@ class GptOssMoeModel(nn.Module):
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         x = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        x = self.hook_embedding(x)
+        x = self.hooks.embedding(x)
         if cache is None:
             cache = [None] * len(self.layers)
 
@@ -194,10 +191,10 @@ class GptOssMoeModel(nn.Module):
 
         for layer, c in zip(self.layers, cache):
             x = layer(x, masks[layer.layer_type], c)
-        return self.hook_final_norm(self.norm(x))
+        return self.hooks.final_norm(self.norm(x))
 
 
-class Model(nn.Module):
+class Model(nn.Module, InstrumentedModel):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
@@ -259,15 +256,17 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
-    def make_cache(self) -> list[Any]:
-        return make_caches(tuple(self.args.layer_types), self.args.sliding_window)
+    @property
+    def model_hooks(self) -> ModelHooks:
+        return self.model.hooks
 
-    def hook_points(self) -> dict[str, HookPoint]:
-        points = {"embedding": self.model.hook_embedding}
-        for layer in self.layers:
-            points.update(layer.hooks.points())
-        points["final_norm"] = self.model.hook_final_norm
-        return points
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        return tuple(self.args.layer_types)
+
+    @property
+    def sliding_window(self) -> Optional[int]:
+        return self.args.sliding_window
 
     @property
     def arch_info(self) -> ArchitectureInfo:

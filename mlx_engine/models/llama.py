@@ -18,11 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 
-from ..hooks.hook_point import HookPoint
-from .base import BLOCK_SITES, ArchitectureInfo, BlockHooks, attend, make_caches
-from .rope import make_rope, normalize_rope_config
-
-DENSE_SITES: tuple[str, ...] = tuple(s for s in BLOCK_SITES if s != "router")
+from ..hooks.architecture import ArchitectureInfo
+from .attention import attend
+from .base import BlockHooks, InstrumentedModel, ModelHooks
+from .rope import lift_rope_parameters, make_rope
 
 ACTIVATIONS = {
     "silu": nn.silu,
@@ -58,10 +57,7 @@ class ModelArgs(BaseModelArgs):
     max_window_layers: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope_parameters, dict) and "rope_theta" in self.rope_parameters:
-            lifted = normalize_rope_config({"rope_parameters": self.rope_parameters})
-            self.rope_theta = lifted["rope_theta"]
-            self.rope_scaling = lifted["rope_scaling"]
+        lift_rope_parameters(self)
         if self.rope_theta is None:
             self.rope_theta = 1000000.0 if self.model_type == "qwen2" else 10000.0
         if self.num_key_value_heads is None:
@@ -159,7 +155,7 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.hooks = BlockHooks(layer, DENSE_SITES)
+        self.hooks = BlockHooks(layer)
 
     @property
     def use_sliding(self) -> bool:
@@ -181,8 +177,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.hook_embedding = HookPoint("embedding")
-        self.hook_final_norm = HookPoint("final_norm")
+        self.hooks = ModelHooks()
         types = args.layer_types
         self.full_idx = types.index("full_attention") if "full_attention" in types else None
         self.sliding_idx = types.index("sliding_attention") if "sliding_attention" in types else None
@@ -194,7 +189,7 @@ class LlamaModel(nn.Module):
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        h = self.hook_embedding(h)
+        h = self.hooks.embedding(h)
         if cache is None:
             cache = [None] * len(self.layers)
 
@@ -207,10 +202,10 @@ class LlamaModel(nn.Module):
 
         for layer, c in zip(self.layers, cache):
             h = layer(h, sliding_mask if layer.use_sliding else full_mask, cache=c)
-        return self.hook_final_norm(self.norm(h))
+        return self.hooks.final_norm(self.norm(h))
 
 
-class Model(nn.Module):
+class Model(nn.Module, InstrumentedModel):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
@@ -246,15 +241,17 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
-    def make_cache(self) -> list[Any]:
-        return make_caches(tuple(self.args.layer_types), self.args.sliding_window)
+    @property
+    def model_hooks(self) -> ModelHooks:
+        return self.model.hooks
 
-    def hook_points(self) -> dict[str, HookPoint]:
-        points = {"embedding": self.model.hook_embedding}
-        for layer in self.layers:
-            points.update(layer.hooks.points())
-        points["final_norm"] = self.model.hook_final_norm
-        return points
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        return tuple(self.args.layer_types)
+
+    @property
+    def sliding_window(self) -> Optional[int]:
+        return self.args.sliding_window
 
     @property
     def arch_info(self) -> ArchitectureInfo:

@@ -35,6 +35,18 @@ def normalize_rope_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def lift_rope_parameters(args: Any) -> None:
+    """Fill a ModelArgs' `rope_theta`/`rope_scaling` from its `rope_parameters` (transformers 5's key).
+
+    The loader normalises every config already; this covers ModelArgs built directly.
+    """
+    params = getattr(args, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        lifted = normalize_rope_config({"rope_parameters": params})
+        args.rope_theta = lifted["rope_theta"]
+        args.rope_scaling = lifted["rope_scaling"]
+
+
 class YarnRoPE(nn.Module):
     """YaRN RoPE as transformers and gpt-oss's reference compute it.
 

@@ -18,7 +18,7 @@ from .openapi import PUBLIC_PATHS
 from .routes import BLUEPRINTS
 from .state import EXTENSION_KEY, ServerState
 
-log = logging.getLogger("mlx_engine.api_server")
+log = logging.getLogger("mlx_engine.server")
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -29,7 +29,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Flask:
     the start instead of the first request.
     """
     config = config or ServerConfig()
-    app = Flask("mlx_engine.api_server")
+    app = Flask("mlx_engine.server")
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_request_mb * 2**20)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep OpenAI's field order
     app.json.ensure_ascii = False  # type: ignore[attr-defined]

@@ -48,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .wsgi import serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config_from_args(args))
@@ -56,12 +56,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with activation capture")
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API with activation capture",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_serve_arguments(parser)
     parser.set_defaults(func=run_serve)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_engine.api_server", description="Serve a model over HTTP.")
+    parser = argparse.ArgumentParser(prog="python -m mlx_engine.server", description="Serve a model over HTTP.")
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
-log = logging.getLogger("mlx_engine.api_server.engine")
+log = logging.getLogger("mlx_engine.server.engine")
 
 T = TypeVar("T")
 _STREAM_BUFFER = 64

@@ -14,15 +14,16 @@ from flask import Flask, Response, g, has_app_context, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from ..hooks import CaptureBudgetError, HookSpecError
-from ..interventions import InterventionError
-from ..model_kit import ModelLoadError
-from .schemas import ARRAY_TAGS, HOOK_NAME_TAG, HOOK_SPEC_TAG, POSITION_TAGS
+from ..hooks.budget import CaptureBudgetError
+from ..hooks.names import HookSpecError
+from ..interventions.spec import InterventionError
+from ..loading import ModelLoadError
+from .schemas.hooks_and_edits import ARRAY_TAGS, HOOK_NAME_TAG, HOOK_SPEC_TAG, POSITION_TAGS
 
 _UNION_TAGS = {HOOK_NAME_TAG, HOOK_SPEC_TAG, *ARRAY_TAGS, *POSITION_TAGS}
 INVALID_INTERVENTION = "invalid_intervention"
 
-log = logging.getLogger("mlx_engine.api_server")
+log = logging.getLogger("mlx_engine.server")
 
 
 class APIError(Exception):

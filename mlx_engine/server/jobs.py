@@ -12,24 +12,29 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from jinja2 import TemplateError
 
-from .. import chat_tokens, create_generator, create_generator_with_activations, tokenize
-from ..encoding import captures_to_safetensors, encode_capture
-from ..generate import StopStringMatcher
-from ..harmony import HarmonyStreamParser, HarmonyTokens, Route
-from ..hooks import Capture, CaptureBudgetError, HookSpecError
+from ..generation.api import create_generator_with_activations
+from ..generation.harmony import HarmonyStreamParser, HarmonyTokens, Route
+from ..generation.text import StopStringMatcher
+from ..hooks.budget import CaptureBudgetError
+from ..hooks.capture import Capture
+from ..hooks.names import HookSpecError, ResolvedHook
+from ..interventions.resolve import ResolvedIntervention
+from ..loading import chat_tokens, tokenize
+from ..wire.codec import encode_capture
+from ..wire.files import captures_to_safetensors
 from .capture_store import CaptureStore
 from .engine import EventStream
 from .errors import APIError
-from .interventions import WireSpecs, applied, resolve_for_run
-from .registry import LoadedModel
+from .intervention_sources import bind_request_interventions
+from .loaded_models import LoadedModel
 
-log = logging.getLogger("mlx_engine.api_server.generation")
+log = logging.getLogger("mlx_engine.server.jobs")
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,9 @@ class GenerationPlan:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
-    hooks: Optional[list[Any]] = None  # engine hook specs; None: no capture
+    hooks: Optional[list[ResolvedHook]] = None  # resolved on the request thread; None: no capture
     activation_format: str = "json"
-    interventions: Optional[WireSpecs] = None  # decoded and checked on the request thread; None: none sent
+    interventions: Optional[list[ResolvedIntervention]] = None  # resolved on the request thread; None: none sent
 
     @property
     def harmony(self) -> bool:
@@ -115,16 +120,6 @@ def _token_text(kit: Any, token: int) -> str:
     return kit.tokenizer.decode([token])
 
 
-def _without_captures(results: Iterator[Any]) -> Generator[tuple[Any, None], None, None]:
-    try:
-        for result in results:
-            yield result, None
-    finally:
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()
-
-
 class _HarmonyText:
     """Content and reasoning of a Harmony completion, token by token, with stop strings on the content."""
 
@@ -158,18 +153,14 @@ def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStor
         stop_strings=() if plan.harmony else plan.stop,
         top_logprobs=plan.top_logprobs,
     )
-    # Interventions are resolved against the prompt (and stored captures read) before any generation.
-    edits = resolve_for_run(plan.interventions, plan.model, len(prompt_ids), plan.max_tokens, store) if plan.interventions else []
-    edited = applied(edits, plan.interventions) if plan.interventions is not None else None
-    capture_id: Optional[str] = None
-    if plan.hooks is not None:
-        # Hook names and the capture budget are checked here, before any generation.
-        pairs: Any = create_generator_with_activations(
-            kit, prompt_ids, plan.hooks, interventions=edits, capture_budget_bytes=budget_bytes, **kwargs
-        )
-        capture_id = f"cap-{uuid.uuid4().hex}"
-    else:
-        pairs = _without_captures(create_generator(kit, prompt_ids, interventions=edits, **kwargs))
+    # Interventions are bound to the prompt (and stored captures read) before any generation.
+    edits = bind_request_interventions(plan.interventions or [], plan.model, len(prompt_ids), plan.max_tokens, store)
+    edited = [e.metadata() for e in edits] if plan.interventions is not None else None
+    # The capture budget is checked here, before any generation.
+    pairs = create_generator_with_activations(
+        kit, prompt_ids, plan.hooks or [], interventions=edits, capture_budget_bytes=budget_bytes, **kwargs
+    )
+    capture_id = f"cap-{uuid.uuid4().hex}" if plan.hooks is not None else None
 
     try:
         try:
@@ -211,7 +202,7 @@ def _steps(
         else:
             content, reasoning, route, finish = result.text, "", Route.CONTENT, result.finish_reason
         encoded = None
-        if acts is not None:
+        if capture_id is not None:
             encoded = {hook: [encode_capture(c, plan.activation_format) for c in caps] for hook, caps in acts.items()}
             for hook, caps in acts.items():
                 captures.setdefault(hook, []).extend(caps)

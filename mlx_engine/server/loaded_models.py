@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..harmony import HarmonyTokens
-from ..hooks import ActivationHookManager, ActivationHookSpec, HookSpecError, describe_hook_points
-from ..model_kit import DEFAULT_MODEL_NAME, ModelKit
+from ..generation.harmony import HarmonyTokens
+from ..hooks.listing import describe_hook_points
+from ..hooks.names import HookSpecError, ResolvedHook, resolve_hooks
+from ..hooks.registry import ActivationHookManager
+from ..loading import DEFAULT_MODEL_NAME, ModelKit
 from .errors import APIError, ModelNotFound
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -97,19 +99,14 @@ class LoadedModel:
                     raise APIError(str(exc.args[0]), status=404, type="not_found_error", param="hook_id", code="hook_not_found") from None
             return self.hooks.list_hooks()
 
-    def registered_specs(self) -> list[ActivationHookSpec]:
-        """The registered hooks as specs a generation can use (one per hook id)."""
+    def registered_hooks(self) -> list[ResolvedHook]:
+        """The registered hooks, resolved when they were registered (one per hook id)."""
         with self.hooks_lock:
-            return [
-                ActivationHookSpec(
-                    layer_name=r.layer_name,
-                    component=r.component,
-                    hook_id=r.hook_id,
-                    capture_input=r.is_input,
-                    capture_output=not r.is_input,
-                )
-                for r in self.hooks.resolved_hooks
-            ]
+            return self.hooks.resolved_hooks
+
+    def resolve_hooks(self, specs: list[Any]) -> list[ResolvedHook]:
+        """A request's hooks resolved once, on the request thread (arch_info is plain data)."""
+        return resolve_hooks(self.kit.arch_info, self.kit.native, specs)
 
 
 class ModelRegistry:

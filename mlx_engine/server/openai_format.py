@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..harmony import Route
-from .generation import Finished, Started, Step
+from ..generation.harmony import Route
+from .jobs import Finished, Started, Step
 
 
 def new_id(prefix: str) -> str:

@@ -19,7 +19,7 @@ from pydantic.json_schema import models_json_schema
 
 from .. import __version__
 from .config import ServerConfig
-from .schemas import ErrorResponse
+from .schemas.responses import ErrorResponse
 
 F = TypeVar("F", bound=Callable[..., Any])
 Mode = Literal["validation", "serialization"]

@@ -11,13 +11,13 @@ from typing import Any, Optional, TypeVar
 from flask import current_app, g, request
 from pydantic import BaseModel
 
-from .. import load_model
+from ..loading import load_model
 from .capture_store import CaptureStore
 from .config import ServerConfig
 from .engine import EngineThread
-from .generation import GenerationPlan, run_generation
-from .registry import LoadedModel, ModelRegistry
-from .streaming import read_events, started
+from .jobs import GenerationPlan, run_generation
+from .loaded_models import LoadedModel, ModelRegistry
+from .sse import read_events, started
 
 M = TypeVar("M", bound=BaseModel)
 EXTENSION_KEY = "mlx_engine"

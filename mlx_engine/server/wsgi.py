@@ -28,7 +28,7 @@ from waitress.server import create_server
 from .app import create_app
 from .config import ServerConfig
 
-log = logging.getLogger("mlx_engine.api_server")
+log = logging.getLogger("mlx_engine.server")
 REQUEST_LOOKAHEAD = 4
 
 

@@ -9,7 +9,7 @@ from typing import Union
 
 from mlx_lm.utils import quantize_model, save_model
 
-from .model_kit import ModelLoadError, load_model
+from ..loading import ModelLoadError, load_model
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -1,7 +1,7 @@
-"""Activation wire formats: how a `Capture` travels over HTTP and into files.
+"""Activation wire formats: how a capture travels over HTTP (numpy only).
 
-A capture on the wire is one JSON object: the metadata of `Capture.metadata()` plus
-`encoding` and `data` (ARCHITECTURE.md, "Wire formats"). Three encodings:
+A capture on the wire is one JSON object: the metadata fields of `wire/fields.py` plus
+`encoding` and `data` (docs/architecture.md, "Wire formats"). Three encodings:
 
 - ``json``: `data` is nested lists of numbers in the array's shape. Every float is
   written as the shortest decimal that round-trips the value *as a float64*, and every
@@ -24,22 +24,18 @@ Decoding gives numpy arrays. numpy has no bfloat16, and pulling in `ml_dtypes` f
 type most consumers immediately upcast is not worth a dependency, so bfloat16 decodes
 to float32: exact, since every bfloat16 is a float32 whose low 16 bits are zero.
 
-Whole captures go to files as safetensors written by MLX itself (bfloat16 survives
-exactly); each tensor's wire metadata sits in the header as a JSON string.
+This module imports numpy alone: the HTTP clients decode with it and never load MLX.
+The engine hands the encoder numpy views of its arrays (`Capture.wire_arrays()`).
+Whole captures as safetensors files are `wire/files.py`.
 """
 
 from __future__ import annotations
 
 import base64
-import io
-import json
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, Protocol
 
-import mlx.core as mx
 import numpy as np
-
-from mlx_engine.hooks.capture import Capture
 
 FORMATS: tuple[str, ...] = ("json", "base64", "none")
 
@@ -50,10 +46,14 @@ NONFINITE_STRINGS: dict[str, float] = {
     "NaN": float("nan"),
 }
 
-# Header key holding the caller's own metadata in a safetensors file.
-SAFETENSORS_USER_METADATA_KEY = "user_metadata"
 
-ArrayLike = Union[mx.array, np.ndarray]
+
+class WireCapture(Protocol):
+    """What the encoder needs of a capture (the engine's `Capture` is one)."""
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    def wire_arrays(self) -> dict[str, tuple[np.ndarray, str]]: ...
 
 
 class EncodingError(ValueError):
@@ -65,26 +65,6 @@ def _check_format(fmt: str) -> None:
         raise EncodingError(
             f"unknown activation_format {fmt!r}; expected one of {', '.join(FORMATS)}"
         )
-
-
-def dtype_name(array: ArrayLike) -> str:
-    """The wire name of an array's dtype (`float32`, `bfloat16`, `uint32`, ...)."""
-    if isinstance(array, mx.array):
-        return str(array.dtype).replace("mlx.core.", "")
-    return np.dtype(array.dtype).name
-
-
-def to_numpy(array: ArrayLike) -> np.ndarray:
-    """The array as numpy with its bytes unchanged; bfloat16 comes back as its uint16 pattern.
-
-    numpy cannot hold bfloat16, so the MLX array is reinterpreted as uint16 first: the
-    bits are what the base64 encoding sends.
-    """
-    if isinstance(array, mx.array):
-        if array.dtype == mx.bfloat16:
-            array = array.view(mx.uint16)
-        return np.asarray(array)
-    return np.asarray(array)
 
 
 def _numpy_dtype(name: str) -> np.dtype:
@@ -132,14 +112,18 @@ def _json_values(raw: np.ndarray, dtype: str) -> Any:
     return json_numbers(_bf16_bits_to_float32(raw) if dtype == "bfloat16" else raw)
 
 
-def encode_array(array: ArrayLike, fmt: str) -> dict[str, Any]:
-    """`{"shape", "dtype", "data"}` for one array in wire format `fmt`."""
+def encode_array(raw: np.ndarray, fmt: str, dtype: Optional[str] = None) -> dict[str, Any]:
+    """`{"shape", "dtype", "data"}` for one array in wire format `fmt`.
+
+    `raw` holds the values' bytes; `dtype` is their wire name when numpy has no type for
+    it (bfloat16 arrives as its uint16 bit pattern with dtype "bfloat16").
+    """
     _check_format(fmt)
-    dtype = dtype_name(array)
-    shape = list(array.shape)
+    raw = np.asarray(raw)
+    dtype = dtype or raw.dtype.name
+    shape = list(raw.shape)
     if fmt == "none":
         return {"shape": shape, "dtype": dtype, "data": None}
-    raw = to_numpy(array)
     if fmt == "base64":
         wire = np.ascontiguousarray(raw, dtype=_numpy_dtype(dtype))
         data: Any = base64.b64encode(wire.tobytes()).decode("ascii")
@@ -148,15 +132,16 @@ def encode_array(array: ArrayLike, fmt: str) -> dict[str, Any]:
     return {"shape": shape, "dtype": dtype, "data": data}
 
 
-def encode_capture(capture: Capture, fmt: str) -> dict[str, Any]:
+def encode_capture(capture: WireCapture, fmt: str) -> dict[str, Any]:
     """The wire object of one capture: its metadata, `encoding`, `data`, and any extras."""
     _check_format(fmt)
     obj = capture.metadata()
-    main = encode_array(capture.array, fmt)
+    arrays = capture.wire_arrays()
+    raw, dtype = arrays.pop("data")
     obj["encoding"] = fmt
-    obj["data"] = main["data"]
-    for name, extra in capture.extras.items():
-        obj[name] = encode_array(extra, fmt)
+    obj["data"] = encode_array(raw, fmt, dtype)["data"]
+    for name, (extra, extra_dtype) in arrays.items():
+        obj[name] = encode_array(extra, fmt, extra_dtype)
     return obj
 
 
@@ -212,76 +197,3 @@ def decode_capture_extras(obj: Mapping[str, Any]) -> dict[str, Optional[np.ndarr
         if isinstance(value, Mapping) and {"shape", "dtype", "data"} <= value.keys():
             out[key] = decode_array(value["data"], value["shape"], value["dtype"], obj["encoding"])
     return out
-
-
-def _tensor_key(hook_id: str, step: int, chunk: int) -> str:
-    return f"{hook_id}/step{step}/chunk{chunk}"
-
-
-def captures_to_safetensors(
-    captures_by_hook: Mapping[str, list[Capture]],
-    metadata: Optional[Mapping[str, Any]] = None,
-) -> bytes:
-    """One safetensors file holding every capture, one tensor per hook, step and chunk.
-
-    Tensor `{hook_id}/step{step}/chunk{i}` is the i-th capture of that hook in that step
-    (the prompt may be prefilled in several chunks); a companion is stored beside it as
-    `.../chunk{i}/{name}`. The header maps each main tensor's name to its wire metadata
-    as a JSON string, and `user_metadata` to the caller's `metadata` as a JSON string.
-    MLX writes the file, so bfloat16 is stored as BF16 without conversion.
-    """
-    arrays: dict[str, mx.array] = {}
-    header: dict[str, str] = {}
-    for hook_id, captures in captures_by_hook.items():
-        chunks: dict[int, int] = {}
-        for capture in captures:
-            if capture.hook_id != hook_id:
-                raise EncodingError(
-                    f"capture of {capture.hook_id!r} listed under hook {hook_id!r}"
-                )
-            chunk = chunks.get(capture.step, 0)
-            chunks[capture.step] = chunk + 1
-            key = _tensor_key(hook_id, capture.step, chunk)
-            arrays[key] = capture.array
-            meta = capture.metadata()
-            meta["extras"] = sorted(capture.extras)
-            for name, extra in capture.extras.items():
-                arrays[f"{key}/{name}"] = extra
-            header[key] = json.dumps(meta)
-    header[SAFETENSORS_USER_METADATA_KEY] = json.dumps(dict(metadata or {}))
-    buffer = io.BytesIO()
-    mx.save_safetensors(buffer, arrays, metadata=header)
-    return buffer.getvalue()
-
-
-def safetensors_to_captures(
-    blob: bytes,
-) -> tuple[dict[str, list[Capture]], dict[str, Any]]:
-    """Read back `captures_to_safetensors`: captures by hook (step order) and the caller's metadata."""
-    arrays, header = mx.load(io.BytesIO(blob), format="safetensors", return_metadata=True)
-    user = json.loads(header.pop(SAFETENSORS_USER_METADATA_KEY, "{}"))
-    captures: dict[str, list[tuple[int, int, Capture]]] = {}
-    for key, text in header.items():
-        meta = json.loads(text)
-        if key not in arrays:
-            raise EncodingError(f"header describes {key!r} but the file has no such tensor")
-        chunk = int(key.rsplit("/chunk", 1)[1])
-        capture = Capture(
-            hook_id=meta["hook_id"],
-            layer_name=meta["layer_name"],
-            layer=meta["layer"],
-            component=meta["component"],
-            step=meta["step"],
-            positions=tuple(meta["positions"]),
-            is_input=meta["is_input"],
-            array=arrays[key],
-            key_positions=meta.get("key_positions"),
-            extras={name: arrays[f"{key}/{name}"] for name in meta.get("extras", [])},
-            edit=meta.get("edit"),
-        )
-        captures.setdefault(capture.hook_id, []).append((capture.step, chunk, capture))
-    ordered = {
-        hook: [c for _, _, c in sorted(items, key=lambda t: (t[0], t[1]))]
-        for hook, items in captures.items()
-    }
-    return ordered, user

@@ -1,21 +1,32 @@
 """The NeuroScope bridge: a Python client, the activation-format converter, hook presets and
-the Smalltalk client generator, all driven by one endpoint table (endpoints.py)."""
+the Smalltalk client generator, all driven by one endpoint table (endpoints.py).
 
-from .client import ActivationResult, DecodedCapture, NeuroScopeClient, NeuroScopeError, decode_activations
-from .format import convert_activations_for_neuroscope, load_schema
-from .presets import create_attention_analysis_hooks, create_hook_specs_for_circuit_analysis
-from .smalltalk import DIALECTS, generate_smalltalk_client
+Names are imported on first use (PEP 562): the command line reads the generator without
+numpy, and the client never loads MLX.
+"""
 
-__all__ = [
-    "ActivationResult",
-    "DIALECTS",
-    "DecodedCapture",
-    "NeuroScopeClient",
-    "NeuroScopeError",
-    "convert_activations_for_neuroscope",
-    "create_attention_analysis_hooks",
-    "create_hook_specs_for_circuit_analysis",
-    "decode_activations",
-    "generate_smalltalk_client",
-    "load_schema",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ActivationResult": "client",
+    "DecodedCapture": "client",
+    "NeuroScopeClient": "client",
+    "NeuroScopeError": "client",
+    "decode_activations": "client",
+    "convert_activations_for_neuroscope": "format",
+    "load_schema": "format",
+    "create_attention_analysis_hooks": "presets",
+    "create_hook_specs_for_circuit_analysis": "presets",
+    "DIALECTS": "smalltalk",
+    "generate_smalltalk_client": "smalltalk",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from mlx_engine.encoding import decode_capture, decode_capture_extras
+from ...wire.codec import decode_capture, decode_capture_extras
+from ...wire.fields import REQUIRED_FIELD_NAMES
 
 from .endpoints import Endpoint, build_body, endpoint
 
@@ -65,6 +66,9 @@ class DecodedCapture:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "DecodedCapture":
+        missing = [name for name in REQUIRED_FIELD_NAMES if name not in obj]
+        if missing:
+            raise ValueError(f"not a wire capture: it lacks {', '.join(missing)}")
         return cls(
             hook_id=obj["hook_id"],
             layer_name=obj["layer_name"],

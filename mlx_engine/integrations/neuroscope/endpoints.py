@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import quote
 
+from ...wire.fields import REQUIRED_FIELD_NAMES
+
 
 class _Required:
     """Marks a field that has no default: the caller must supply it."""
@@ -241,4 +243,8 @@ def endpoints_js() -> str:
         }
         for ep in ENDPOINTS
     }
-    return f"{JS_BEGIN}\nexport const ENDPOINTS = Object.freeze({json.dumps(table, indent=2)});\n{JS_END}\n"
+    fields = json.dumps(list(REQUIRED_FIELD_NAMES))
+    return (
+        f"{JS_BEGIN}\nexport const ENDPOINTS = Object.freeze({json.dumps(table, indent=2)});\n"
+        f"// The metadata every wire capture carries (wire/fields.py).\nexport const CAPTURE_FIELDS = Object.freeze({fields});\n{JS_END}\n"
+    )

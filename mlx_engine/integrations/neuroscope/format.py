@@ -17,7 +17,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from mlx_engine.encoding import decode_array, decode_capture, json_numbers
+from ...wire.codec import decode_array, decode_capture, json_numbers
+from ...wire.fields import REQUIRED_FIELD_NAMES
 
 from .client import ActivationResult
 
@@ -38,19 +39,8 @@ def _flat_json(values: Optional[np.ndarray]) -> Optional[list[Any]]:
 
 def convert_capture(wire: Mapping[str, Any]) -> dict[str, Any]:
     """One wire capture (any encoding) as a NeuroScope entry with flat data."""
-    entry: dict[str, Any] = {
-        "hook_id": wire["hook_id"],
-        "layer_name": wire["layer_name"],
-        "layer": wire["layer"],
-        "component": wire["component"],
-        "shape": list(wire["shape"]),
-        "dtype": wire["dtype"],
-        "is_input": wire["is_input"],
-        "step": wire["step"],
-        "positions": list(wire["positions"]),
-        "key_positions": wire.get("key_positions"),
-        "data": _flat_json(decode_capture(wire)),
-    }
+    entry: dict[str, Any] = {name: wire.get(name) for name in REQUIRED_FIELD_NAMES}
+    entry["data"] = _flat_json(decode_capture(wire))
     extras = {}
     for key, value in wire.items():
         if isinstance(value, Mapping) and {"shape", "dtype", "data"} <= value.keys():

@@ -18,14 +18,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ...wire.fields import REQUIRED_FIELD_NAMES
 from .endpoints import ENDPOINTS, Endpoint
 from .presets import ATTENTION_COMPONENTS, CIRCUIT_COMPONENTS
 from .smalltalk_dialects import DIALECT_BY_NAME, Dialect
 from .smalltalk_requests import ARGUMENT_CONVERSION, body_plan
 from .smalltalk_source import ClassSpec, Method, escape_chunk, method, st_literal, st_string, st_string_array
+from .smalltalk_tests import CLIENT_CLASS, test_methods
 
 DIALECTS: tuple[str, ...] = ("pharo", "squeak", "amber")
-CLIENT_CLASS = "NeuroScopeMLXClient"
 COMPAT_CLASS = "LMStudioRESTClient"
 TEST_CLASS = "NeuroScopeMLXClientTest"
 CATEGORY = "NeuroScope-Integration"
@@ -216,7 +217,8 @@ createAttentionAnalysisHooks: layers
     ]
 
 
-_ENTRY_KEYS = ("hook_id", "layer_name", "layer", "component", "shape", "dtype", "is_input", "step", "positions", "key_positions")
+# The metadata a NeuroScope entry copies from a wire capture: the fields every capture carries.
+_ENTRY_KEYS = REQUIRED_FIELD_NAMES
 
 
 def _conversion_methods() -> list[Method]:
@@ -290,134 +292,6 @@ floatNamed: aString
     ]
 
 
-def _test_methods() -> list[Method]:
-    return [
-        method("running", f"""
-setUp
-    client := {CLIENT_CLASS} default
-"""),
-        method("tests", """
-testHealth
-    ^ self check: client health then: [ :health |
-        self assert: (health at: 'status') equals: 'ok'.
-        self assert: (health at: 'models') notEmpty ]
-"""),
-        method("tests", """
-testModels
-    ^ self check: client models then: [ :json |
-        self assert: (json at: 'data') notEmpty.
-        self assert: ((json at: 'data') first at: 'id') isString ]
-"""),
-        method("tests", """
-testHookPointsDescribeEveryLayer
-    ^ self check: client hookPoints then: [ :points |
-        self assert: (points at: 'layers') size equals: (points at: 'num_layers').
-        self assert: ((points at: 'components') includes: 'residual') ]
-"""),
-        method("tests", """
-testRegisterAndClearHooks
-    | hooks |
-    hooks := client createCircuitAnalysisHooks: 2.
-    ^ self check: (client registerHooks: hooks) then: [ :registered |
-        self assert: (registered at: 'data') size equals: hooks size.
-        self assert: ((registered at: 'data') first at: 'hook_id') equals: 'embedding'.
-        self check: client clearHooks then: [ :cleared |
-            self assert: (cleared at: 'data') size equals: 0 ] ]
-"""),
-        method("tests", """
-testServerErrorsReachTheCaller
-    ^ self errorMessageOf: [ client registerHooks: { 'layers.999.residual' } ] then: [ :message |
-        self assert: (self text: message includes: 'out of range') ]
-"""),
-        method("tests", """
-testGenerateWithActivationsGivesFiniteNumbersOfThePromisedShape
-    | hooks |
-    hooks := client createCircuitAnalysisHooks: 2.
-    ^ self check: client hookPoints then: [ :points |
-        self check: (client generateWithActivations: 'Hello' hooks: hooks maxTokens: 2 temperature: 0) then: [ :response |
-            | converted |
-            converted := client convertActivations: response.
-            self assert: (converted at: 'format') equals: 'neuroscope-activations'.
-            self assert: (converted at: 'prompt_tokens') notEmpty.
-            self assert: (converted at: 'generated_tokens') size equals: 2.
-            self assert: (converted at: 'activations') size equals: hooks size.
-            (converted at: 'activations') keysAndValuesDo: [ :hookId :entries |
-                self assert: entries size equals: 2.
-                entries do: [ :entry |
-                    self assert: (entry at: 'hook_id') equals: hookId.
-                    self assertEntry: entry hasShape: (self promisedShapeOf: entry in: points).
-                    (entry at: 'data') do: [ :x | self assert: x isFinite ] ] ] ] ]
-"""),
-        method("tests", """
-testAttentionFollowsTheCausalMask
-    ^ self check: client hookPoints then: [ :points |
-        self check: (client generateWithActivations: 'Hello' hooks: (client createAttentionAnalysisHooks: { 1 }) maxTokens: 1 temperature: 0) then: [ :response |
-            | activations scores pattern |
-            activations := (client convertActivations: response) at: 'activations'.
-            self assert: activations size equals: 6.
-            activations do: [ :entries |
-                entries do: [ :entry | self assertEntry: entry hasShape: (self promisedShapeOf: entry in: points) ] ].
-            scores := (activations at: 'layers.1.attention_scores') first.
-            pattern := (activations at: 'layers.1.attention_pattern') first.
-            self assertCausal: scores pattern: pattern ] ]
-"""),
-        method("checking", """
-promisedShapeOf: entry in: points
-    "The shape the hook-point listing promises, with symbols T (rows) and S (keys)."
-    | layer |
-    (entry at: 'layer') isNil ifTrue: [ ^ (points at: 'embedding') at: 'shape' ].
-    layer := (points at: 'layers') at: (entry at: 'layer') + 1.
-    ^ ((layer at: 'components') at: (entry at: 'component')) at: 'shape'
-"""),
-        method("checking", """
-assertEntry: entry hasShape: promised
-    | shape positions |
-    shape := entry at: 'shape'.
-    positions := entry at: 'positions'.
-    self assert: shape size equals: promised size.
-    1 to: shape size do: [ :i |
-        | want |
-        want := promised at: i.
-        want = 'T' ifTrue: [ want := (positions at: 2) - (positions at: 1) ].
-        want = 'S' ifTrue: [ want := (entry at: 'key_positions') size ].
-        self assert: (shape at: i) equals: want ].
-    self assert: (entry at: 'data') size equals: (shape inject: 1 into: [ :product :each | product * each ])
-"""),
-        method("checking", """
-assertCausal: scores pattern: pattern
-    "Row r of head h is position (first + r); a key after it is masked: score -inf, probability 0.
-    Visible keys have finite scores and probabilities in [0, 1] summing to at most 1 (sinks take the rest)."
-    | shape rows keys first keyPositions scoreData patternData |
-    shape := scores at: 'shape'.
-    rows := shape at: 2.
-    keys := shape at: 3.
-    first := (scores at: 'positions') at: 1.
-    keyPositions := scores at: 'key_positions'.
-    scoreData := scores at: 'data'.
-    patternData := pattern at: 'data'.
-    0 to: (shape at: 1) - 1 do: [ :h |
-        0 to: rows - 1 do: [ :r |
-            | sum |
-            sum := 0.
-            1 to: keys do: [ :k |
-                | index score probability |
-                index := (h * rows + r) * keys + k.
-                score := scoreData at: index.
-                probability := patternData at: index.
-                sum := sum + probability.
-                (keyPositions at: k) > (first + r)
-                    ifTrue: [
-                        self assert: (score isFinite not and: [ score < 0 ]).
-                        self assert: probability = 0 ]
-                    ifFalse: [
-                        self assert: score isFinite.
-                        self assert: (probability between: 0 and: 1) ] ].
-            self assert: sum > 0.
-            self assert: sum <= 1.0001 ] ]
-"""),
-    ]
-
-
 # ----------------------------------------------------------------------------- assembly
 
 
@@ -471,7 +345,7 @@ def client_classes(dialect: Dialect, base_url: str) -> list[ClassSpec]:
         f"I test {CLIENT_CLASS} against a live mlx-engine server at its default URL: health, models, hook\n"
         "points, registering and clearing hooks, server errors, and chat with activations whose numbers\n"
         "must be finite, shaped as the hook points promise, and causally masked.",
-        _test_methods() + list(dialect.test_support_methods),
+        test_methods() + list(dialect.test_support_methods),
     )
     return [client, compat, test]
 

@@ -6,16 +6,8 @@ from flask import Blueprint, Response, jsonify
 
 from ..errors import APIError
 from ..openapi import operation
-from ..schemas import (
-    ActivationChatRequest,
-    CaptureListResponse,
-    ChatCompletion,
-    ChatCompletionChunk,
-    HookListResponse,
-    HookQuery,
-    HookRegistrationRequest,
-    hooks_to_engine,
-)
+from ..schemas.requests import ActivationChatRequest, HookQuery, HookRegistrationRequest
+from ..schemas.responses import CaptureListResponse, ChatCompletion, ChatCompletionChunk, HookListResponse
 from ..state import parse_body, parse_query, state
 from .common import run_chat
 
@@ -38,10 +30,11 @@ TAGS = ("Activations",)
 )
 def chat_with_activations() -> Response:
     req = parse_body(ActivationChatRequest)
+    model = state().registry.get(req.model)
     if req.activation_hooks:
-        hooks = hooks_to_engine(req.activation_hooks)
+        hooks = model.resolve_hooks(req.activation_hooks)
     else:
-        hooks = state().registry.get(req.model).registered_specs()
+        hooks = model.registered_hooks()
         if not hooks:
             raise APIError(
                 "No activation_hooks in the request and none registered for this model; name hooks such as "
@@ -61,7 +54,7 @@ def _hook_list(model_id: str, hooks: list[dict]) -> Response:
 def register_hooks() -> Response:
     req = parse_body(HookRegistrationRequest)
     model = state().registry.get(req.model)
-    return _hook_list(model.model_id, model.register_hooks(hooks_to_engine(req.hooks)))
+    return _hook_list(model.model_id, model.register_hooks(req.hooks))
 
 
 @bp.get("/v1/activations/hooks")

@@ -10,14 +10,15 @@ from typing import Any, Optional
 from flask import Response, jsonify
 
 from ..errors import to_error
-from ..generation import GenerationPlan
-from ..interventions import prepare_interventions
+from ...hooks.names import ResolvedHook
+from ..intervention_sources import resolve_request_interventions
+from ..jobs import GenerationPlan
 from ..openai_format import ResponseShape, chat_chunks, chat_completion, collect, new_id
-from ..schemas import ChatCompletionRequest
+from ..schemas.requests import ChatCompletionRequest
+from ..sse import SSE_DONE, SSE_HEADERS, ClientGone, sse_event
 from ..state import request_id, state
-from ..streaming import SSE_DONE, SSE_HEADERS, ClientGone, sse_event
 
-log = logging.getLogger("mlx_engine.api_server")
+log = logging.getLogger("mlx_engine.server")
 
 
 def sse_response(chunks: Iterator[dict[str, Any]], rid: str) -> Response:
@@ -49,8 +50,8 @@ def sse_response(chunks: Iterator[dict[str, Any]], rid: str) -> Response:
     return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
-def run_chat(req: ChatCompletionRequest, hooks: Optional[list[Any]]) -> Response:
-    """Answer a chat request, with activations when `hooks` is not None."""
+def run_chat(req: ChatCompletionRequest, hooks: Optional[list[ResolvedHook]]) -> Response:
+    """Answer a chat request, with activations when `hooks` (resolved) is not None."""
     st = state()
     model = st.registry.get(req.model)
     plan = GenerationPlan(
@@ -63,7 +64,7 @@ def run_chat(req: ChatCompletionRequest, hooks: Optional[list[Any]]) -> Response
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
         hooks=hooks,
         activation_format=req.activation_format,
-        interventions=prepare_interventions(req.interventions, model, st.store),
+        interventions=resolve_request_interventions(req.interventions, model, st.store),
     )
     shape = ResponseShape(
         id=new_id("chatcmpl"),

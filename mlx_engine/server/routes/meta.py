@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 
 from ..openapi import build_openapi, operation
-from ..schemas import HealthResponse
+from ..schemas.responses import HealthResponse
 from ..state import state
 
 bp = Blueprint("meta", __name__)

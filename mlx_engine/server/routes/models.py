@@ -5,8 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from ..openapi import operation
-from ..registry import resolve_load_request
-from ..schemas import HookPointsResponse, ModelDeleted, ModelLoadRequest, ModelObject, ModelUnloadRequest
+from ..loaded_models import resolve_load_request
+from ..schemas.requests import ModelLoadRequest, ModelUnloadRequest
+from ..schemas.responses import HookPointsResponse, ModelDeleted, ModelObject
 from ..state import parse_body, state
 
 bp = Blueprint("models", __name__)

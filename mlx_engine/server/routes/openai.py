@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from ..generation import GenerationPlan
-from ..interventions import prepare_interventions
+from ..intervention_sources import resolve_request_interventions
+from ..jobs import GenerationPlan
 from ..openai_format import ResponseShape, collect, completion_chunks, new_id, text_completion
 from ..openapi import operation
-from ..schemas import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    ModelList,
-    ModelObject,
-    hooks_to_engine,
-)
+from ..schemas.requests import ChatCompletionRequest, CompletionRequest
+from ..schemas.responses import ChatCompletion, ChatCompletionChunk, Completion, ModelList, ModelObject
 from ..state import parse_body, request_id, state
 from .common import run_chat, sse_response
 
@@ -49,7 +41,7 @@ def retrieve_model(model_id: str) -> Response:
 )
 def chat_completions() -> Response:
     req = parse_body(ChatCompletionRequest)
-    hooks = hooks_to_engine(req.activation_hooks) if req.activation_hooks else None
+    hooks = state().registry.get(req.model).resolve_hooks(req.activation_hooks) if req.activation_hooks else None
     return run_chat(req, hooks)
 
 
@@ -74,7 +66,7 @@ def completions() -> Response:
         stop=req.stop_strings,
         **req.sampling,
         top_logprobs=req.logprobs or 0,
-        interventions=prepare_interventions(req.interventions, model, st.store),
+        interventions=resolve_request_interventions(req.interventions, model, st.store),
     )
     shape = ResponseShape(
         id=new_id("cmpl"),

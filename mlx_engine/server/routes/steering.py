@@ -7,14 +7,15 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from ...encoding import encode_array
-from ...hooks import resolve_hook_specs
-from ...interventions import InterventionError
-from ...steering import steering_vector
+from ...hooks.capture import mlx_to_numpy
+from ...interventions.spec import InterventionError
+from ...interventions.steering import steering_vector
+from ...wire.codec import encode_array
 from ..errors import APIError
+from ..loaded_models import LoadedModel
 from ..openapi import operation
-from ..registry import LoadedModel
-from ..schemas import SteeringVectorRequest, SteeringVectorResponse
+from ..schemas.requests import SteeringVectorRequest
+from ..schemas.responses import SteeringVectorResponse
 from ..state import parse_body, state
 
 bp = Blueprint("steering", __name__)
@@ -53,16 +54,15 @@ def build_steering_vector(model: LoadedModel, req: SteeringVectorRequest) -> dic
         raise APIError(str(exc), param=_PARAMS.get(exc.param, exc.param), code="invalid_hook") from None
     except ValueError as exc:  # a prompt with no tokens
         raise APIError(str(exc), param=None, code="invalid_value") from None
-    spec = {"layer_name": sv.layer_name, "component": sv.component, "capture_input": sv.capture_input, "capture_output": not sv.capture_input}
-    (hook,) = resolve_hook_specs(kit, [spec])
-    wire = encode_array(sv.vector, req.format)
+    raw, dtype = mlx_to_numpy(sv.vector)
+    wire = encode_array(raw, req.format, dtype)
     vector = {"shape": wire["shape"], "dtype": wire["dtype"], "encoding": req.format, "data": wire["data"]}
     return {
         "object": "steering_vector",
         "model": model.model_id,
-        "hook_id": hook.hook_id,
+        "hook_id": sv.hook_id,
         "layer_name": sv.layer_name,
-        "layer": hook.layer,
+        "layer": sv.layer,
         "component": sv.component,
         "capture_input": sv.capture_input,
         "position": req.position,

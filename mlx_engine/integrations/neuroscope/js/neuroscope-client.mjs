@@ -86,6 +86,8 @@ export const ENDPOINTS = Object.freeze({
     ]
   }
 });
+// The metadata every wire capture carries (wire/fields.py).
+export const CAPTURE_FIELDS = Object.freeze(["hook_id", "layer_name", "layer", "component", "step", "positions", "key_positions", "is_input", "shape", "dtype"]);
 // endpoints:end
 
 /** An error the server reported: its message, HTTP status, type, param and code. */
@@ -190,6 +192,8 @@ function check(actual, expected, shape, dtype) {
 
 /** A wire capture with `array` (flat typed array) and decoded `extras` (router experts/weights). */
 export function decodeCapture(wire) {
+  const missing = CAPTURE_FIELDS.filter((name) => !(name in wire));
+  if (missing.length) throw new Error(`not a wire capture: it lacks ${missing.join(", ")}`);
   const capture = { ...wire, array: decodeArray(wire.data, wire.shape, wire.dtype, wire.encoding), extras: {} };
   delete capture.data;
   for (const [key, value] of Object.entries(wire)) {

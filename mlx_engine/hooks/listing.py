@@ -1,0 +1,63 @@
+"""A model's hook points as a JSON-ready listing: layers, components, shapes, aliases.
+
+`ModelKit.hook_points` holds the live HookPoint objects; this is what clients read
+(`GET /v1/models/{id}/hook_points`, `mlx-engine hook-points`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .components import INPUT_COMPONENTS, ComponentType, row_shape
+from .names import offered_components
+
+if TYPE_CHECKING:
+    from ..loading import ModelKit
+
+C = ComponentType
+
+
+def describe_hook_points(kit: "ModelKit") -> dict[str, Any]:
+    """A JSON-ready listing of every hook point: layers, components, shapes, aliases."""
+    info = kit.arch_info
+    offered = offered_components(info, kit.native)
+    per_layer = [c for c in offered if c is not C.EMBEDDING]
+    layers = []
+    for i in range(info.num_layers):
+        layer_type = info.layer_type(i)
+        layers.append(
+            {
+                "layer": i,
+                "name": f"layers.{i}",
+                "aliases": [f"{info.block_prefix}.{i}", f"blocks.{i}", str(i)],
+                "attention_type": layer_type,
+                "window": info.sliding_window if layer_type == "sliding_attention" else None,
+                "components": {
+                    c.value: {
+                        "hook_id": f"layers.{i}.{c.value}",
+                        "shape": row_shape(info, c),
+                        "supports_input": c in INPUT_COMPONENTS,
+                    }
+                    for c in per_layer
+                },
+            }
+        )
+    return {
+        "model": kit.model_id,
+        "model_type": kit.model_type,
+        "native": kit.native,
+        "num_layers": info.num_layers,
+        "d_model": info.d_model,
+        "n_heads": info.n_heads,
+        "n_kv_heads": info.n_kv_heads,
+        "head_dim": info.head_dim,
+        "vocab_size": info.vocab_size,
+        "n_experts": info.n_experts,
+        "experts_per_token": info.experts_per_token,
+        "sliding_window": info.sliding_window,
+        "components": [c.value for c in offered],
+        "embedding": {"hook_id": "embedding", "shape": ["T", info.d_model]},
+        "final_norm": {"hook_id": "final_norm", "component": "layernorm", "shape": ["T", info.d_model]},
+        "layers": layers,
+        "shape_symbols": {"T": "new positions in the pass", "S": "key positions attended (see key_positions)"},
+    }

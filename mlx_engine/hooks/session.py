@@ -1,0 +1,131 @@
+"""A hook session: the sites one run captures or edits, armed for that run only.
+
+The generation loop brackets each forward pass with `begin_pass`/`end_pass`; the
+captures of a pass are lazy arrays that the loop evaluates together with that pass's
+logits. A site that an intervention edits runs a chain: captures labelled "before",
+the edits in request order, then the other captures (labelled "after"); a site with
+captures only keeps the plain recorder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+
+import mlx.core as mx
+
+from .capture import Capture
+from .components import ComponentType
+from .names import ResolvedHook
+from .point import HookPoint
+
+if TYPE_CHECKING:
+    from ..interventions.ops import BoundIntervention
+
+
+class HookBusyError(RuntimeError):
+    """The model's hook points are armed by another session."""
+
+
+@dataclass
+class _PassState:
+    step: int
+    start: int
+    end: int
+
+
+class HookSession:
+    """Arms the sites a run needs, records captures pass by pass, and applies its edits."""
+
+    def __init__(
+        self,
+        points: dict[str, HookPoint],
+        resolved: Sequence[ResolvedHook] = (),
+        interventions: Sequence["BoundIntervention"] = (),
+    ) -> None:
+        self.resolved = list(resolved)
+        # Keyed by HookPoint identity: one point may serve two sites (a fallback model's
+        # block-0 input is both `embedding` and `layers.0.resid_pre`).
+        self._armed: dict[int, HookPoint] = {}
+        self._by_point: dict[int, list[ResolvedHook]] = {}
+        for r in self.resolved:
+            point = points[r.site]
+            self._armed[id(point)] = point
+            self._by_point.setdefault(id(point), []).append(r)
+        self._edits: dict[int, list["BoundIntervention"]] = {}
+        for edit in interventions:
+            point = points[edit.site]
+            self._armed[id(point)] = point
+            self._edits.setdefault(id(point), []).append(edit)
+        self._before: dict[int, list[ResolvedHook]] = {}
+        self._after: dict[int, list[ResolvedHook]] = {}
+        for key in self._edits:
+            for r in self._by_point.get(key, []):
+                side = self._before if r.edit == "before" else self._after
+                side.setdefault(key, []).append(r)
+        self._pass: Optional[_PassState] = None
+        self._buffer: list[Capture] = []
+
+    def _record(self, hp: HookPoint, x: mx.array, context: dict[str, Any]) -> mx.array:
+        state = self._pass
+        if state is None:  # a forward outside a bracketed pass (e.g. a warm-up): not ours to keep
+            return x
+        self._collect(self._by_point[id(hp)], x, context, state, None)
+        return x
+
+    def _edit(self, hp: HookPoint, x: mx.array, context: dict[str, Any]) -> mx.array:
+        state = self._pass
+        if state is None:
+            return x
+        key = id(hp)
+        self._collect(self._before.get(key, ()), x, context, state, "before")
+        for edit in self._edits[key]:
+            x = edit.apply(x, state.start, state.end)
+        self._collect(self._after.get(key, ()), x, context, state, "after")
+        return x
+
+    def _collect(
+        self, hooks: Iterable[ResolvedHook], x: mx.array, context: dict[str, Any], state: _PassState, edit: Optional[str]
+    ) -> None:
+        for r in hooks:
+            extras: dict[str, mx.array] = {}
+            if r.component is ComponentType.ROUTER:
+                extras = {"experts": context["experts"][0], "weights": context["weights"][0]}
+            self._buffer.append(
+                Capture(
+                    hook_id=r.hook_id,
+                    layer_name=r.layer_name,
+                    layer=r.layer,
+                    component=r.component.value,
+                    step=state.step,
+                    positions=(state.start, state.end),
+                    is_input=r.is_input,
+                    array=x[0],
+                    key_positions=context.get("key_positions"),
+                    extras=extras,
+                    edit=edit,
+                )
+            )
+
+    def arm(self) -> None:
+        for point in self._armed.values():
+            if point.fn is not None:
+                raise HookBusyError(
+                    f"Hook point {point.name} is already armed by another session on this model; "
+                    "finish or close that generator first."
+                )
+        for key, point in self._armed.items():
+            point.fn = self._edit if key in self._edits else self._record
+
+    def disarm(self) -> None:
+        for point in self._armed.values():
+            if point.fn == self._record or point.fn == self._edit:
+                point.fn = None
+
+    def begin_pass(self, step: int, start: int, end: int) -> None:
+        self._pass = _PassState(step, start, end)
+        self._buffer = []
+
+    def end_pass(self) -> list[Capture]:
+        captures, self._buffer, self._pass = self._buffer, [], None
+        return captures

@@ -1,0 +1,122 @@
+"""The attention every native architecture shares: fused when nothing reads its insides,
+explicit (scores, mask, softmax with sinks, weighted sum) when a capture asks for them.
+
+Both paths must agree; the explicit one is written out so each step can be captured.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import mlx.core as mx
+from mlx_lm.models.cache import RotatingKVCache
+
+from .base import BlockHooks
+
+
+def key_positions(cache: Any, n_keys: int, n_new: int) -> mx.array:
+    """Absolute token positions of the key columns a cache just returned.
+
+    KVCache returns keys in order from position 0. RotatingKVCache returns them in
+    order after a multi-token update, and as a ring buffer after a one-token update:
+    the slot just written (`_idx - 1`) holds the newest position.
+    """
+    if cache is None:
+        return mx.arange(n_keys)
+    end = cache.offset
+    if isinstance(cache, RotatingKVCache) and n_new == 1 and end > n_keys:
+        slots = mx.arange(n_keys)
+        newest_slot = cache._idx - 1
+        return (end - 1) - ((newest_slot - slots) % n_keys)
+    return mx.arange(end - n_keys, end)
+
+
+def _is_ring_order(cache: Any, n_keys: int, n_new: int) -> bool:
+    return (
+        isinstance(cache, RotatingKVCache)
+        and n_new == 1
+        and cache.offset > n_keys
+        and cache._idx != n_keys
+    )
+
+
+def attend(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    hooks: BlockHooks,
+    cache: Any,
+    scale: float,
+    mask: Union[None, str, mx.array],
+    window: Optional[int] = None,
+    sinks: Optional[mx.array] = None,
+) -> mx.array:
+    """Attention over new queries/keys/values [B, H, T, D] (RoPE already applied).
+
+    Calls the query/key/value/score/pattern/z hook points, updates the cache, and
+    computes attention fused (`mx.fast.scaled_dot_product_attention`) unless scores or
+    the pattern are armed, when it computes them explicitly so they can be captured.
+    Returns [B, n_heads, T, D] before the output projection.
+    """
+    queries = hooks.query(queries)
+    keys = hooks.key(keys)
+    values = hooks.value(values)
+    n_new = queries.shape[2]
+    offset = cache.offset if cache is not None else 0
+    if cache is not None:
+        keys, values = cache.update_and_fetch(keys, values)
+
+    if hooks.wants_explicit_attention:
+        out = _explicit_attention(queries, keys, values, hooks, cache, offset, n_new, scale, window, sinks)
+    else:
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+    return hooks.z(out)
+
+
+def _explicit_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    hooks: BlockHooks,
+    cache: Any,
+    offset: int,
+    n_new: int,
+    scale: float,
+    window: Optional[int],
+    sinks: Optional[mx.array],
+) -> mx.array:
+    """Scores, mask, softmax (with sinks) and weighted sum, written out so each can be captured."""
+    B, n_heads, T, D = queries.shape
+    n_kv, S = keys.shape[1], keys.shape[2]
+    positions = key_positions(cache, S, n_new)
+    if _is_ring_order(cache, S, n_new):
+        # Present key columns in temporal order; attention is order-free over keys.
+        order = mx.argsort(positions)
+        positions = positions[order]
+        keys = keys[:, :, order]
+        values = values[:, :, order]
+
+    groups = n_heads // n_kv
+    q = queries.astype(mx.float32).reshape(B, n_kv, groups, T, D)
+    k = keys.astype(mx.float32)[:, :, None]
+    scores = (q * scale) @ k.swapaxes(-1, -2)  # [B, n_kv, groups, T, S]
+    scores = scores.reshape(B, n_heads, T, S)
+
+    query_pos = mx.arange(offset, offset + T)[:, None]
+    allowed = positions[None, :] <= query_pos
+    if window is not None:
+        allowed = allowed & (positions[None, :] > query_pos - window)
+    scores = mx.where(allowed, scores, -mx.inf)
+    scores = hooks.attention_scores(scores, key_positions=positions)
+
+    if sinks is not None:
+        sink_logits = mx.broadcast_to(sinks.astype(mx.float32)[None, :, None, None], (B, n_heads, T, 1))
+        probs = mx.softmax(mx.concatenate([scores, sink_logits], axis=-1), axis=-1, precise=True)[..., :-1]
+    else:
+        probs = mx.softmax(scores, axis=-1, precise=True)
+    probs = hooks.attention_pattern(probs, key_positions=positions)
+
+    v = values.astype(mx.float32)[:, :, None]
+    out = probs.reshape(B, n_kv, groups, T, S) @ v
+    return out.reshape(B, n_heads, T, D).astype(queries.dtype)

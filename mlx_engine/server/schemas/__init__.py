@@ -1,0 +1,1 @@
+"""Request schemas (requests: the one place a body is parsed) and response schemas (responses: the OpenAPI document's)."""
