@@ -1,15 +1,65 @@
-"""`mlx-engine` command line: generate, convert, serve, smalltalk, demo, ..."""
+"""`mlx-engine` command line: generate, serve, demo, hook-points, convert, synth, smalltalk, bench.
+
+Every command's parser is built from modules that import nothing heavy, and each
+command imports what it needs when it runs, so `mlx-engine --help` and `--version`
+answer at once. A mistyped command or flag gets a did-you-mean.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import re
+import subprocess
 import sys
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, NoReturn, Optional, Sequence
+
+from . import __version__
+
+
+class FriendlyParser(argparse.ArgumentParser):
+    """An ArgumentParser that suggests the closest command or flag when one is mistyped."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        self._seen = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def _known_words(self) -> list[str]:
+        """This parser's flags and commands, and the flags of the command that was given."""
+        words = [s for action in self._actions for s in action.option_strings]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                words.extend(action.choices)
+                for name, sub in action.choices.items():
+                    if name in getattr(self, "_seen", []):
+                        words.extend(s for a in sub._actions for s in a.option_strings)
+        return words
+
+    def error(self, message: str) -> NoReturn:
+        wrong = re.findall(r"invalid choice: '([^']+)'", message)
+        if not wrong:
+            known = set(self._known_words())
+            wrong = [a for a in getattr(self, "_seen", []) if a.startswith("-") and a.split("=")[0] not in known]
+        hints = []
+        for word in wrong:
+            close = difflib.get_close_matches(word.split("=")[0], self._known_words(), n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]!r} (not {word!r})?")
+        if hints:
+            message = f"{message}; {' '.join(hints)}"
+        super().error(message)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from . import chat_tokens, create_generator, load_model, tokenize
+    from .generation.api import create_generator
+    from .loading import chat_tokens, load_model, tokenize
 
     kit = load_model(args.model)
     if args.chat:
@@ -33,7 +83,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import quantize_checkpoint
+    from .tools.convert import quantize_checkpoint
 
     out = quantize_checkpoint(args.model, args.out, bits=args.bits, group_size=args.group_size)
     print(f"Wrote {args.bits}-bit (group size {args.group_size}) checkpoint to {out}")
@@ -41,15 +91,26 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_hook_points(args: argparse.Namespace) -> int:
-    from . import ActivationHookManager, load_model
+    from .hooks.listing import describe_hook_points
+    from .loading import load_model
 
-    kit = load_model(args.model)
-    print(json.dumps(ActivationHookManager(kit).hook_points(), indent=2))
+    print(json.dumps(describe_hook_points(load_model(args.model)), indent=2))
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmarks live beside the package in a source checkout (they are not installed)."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "benchmarks" / "harness.py").exists():
+        print("error: `mlx-engine bench` runs the benchmarks of a source checkout (git clone the repository); "
+              "this installation has none.", file=sys.stderr)
+        return 2
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args.bench_args], cwd=repo, env=env)
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="stream text from a model")
+    p = sub.add_parser("generate", help="stream text from a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help="local folder, Hugging Face repo id, or 'default'")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -60,7 +121,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="quantize a checkpoint to the MLX layout")
+    p = sub.add_parser("convert", help="quantize a checkpoint to the MLX layout", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--bits", type=int, choices=(4, 8), default=4)
@@ -69,34 +130,34 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_hook_points(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("hook-points", help="list a model's hook points as JSON")
+    p = sub.add_parser("hook-points", help="list a model's hook points as JSON", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default")
     p.set_defaults(func=_cmd_hook_points)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="run the benchmark harness of a source checkout (options as `python -m benchmarks --help`)", add_help=False
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+
+
 def _package_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands whose modules live elsewhere in the package; imported here so a broken
-    module fails loudly instead of its command silently vanishing."""
-    from .api_server.cli import add_serve_command
-    from .demo import add_demo_command
+    """Subcommands defined beside the code they run; their modules import nothing heavy."""
+    from .demo.cli import add_demo_command
     from .integrations.neuroscope.cli import add_smalltalk_command
-    from .synth import add_synth_command
+    from .server.cli import add_serve_command
+    from .tools.synth.cli import add_synth_command
 
-    adders = [add_serve_command, add_demo_command, add_smalltalk_command, add_synth_command]
-    try:
-        # The benchmarks live beside the package in a source checkout; an installed wheel may lack them.
-        from benchmarks import add_bench_command
-
-        adders.append(add_bench_command)
-    except ImportError:
-        pass
-    return adders
+    return [add_serve_command, add_demo_command, add_smalltalk_command, add_synth_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-engine", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_convert, _add_hook_points, *_package_commands()):
+    parser = FriendlyParser(prog="mlx-engine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"mlx-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_generate, _add_convert, _add_hook_points, *_package_commands(), _add_bench):
         add(sub)
     return parser
 
@@ -104,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .model_kit import ModelLoadError
+    from .loading import ModelLoadError
 
     try:
         return int(args.func(args) or 0)
