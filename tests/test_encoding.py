@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -12,14 +11,8 @@ import numpy as np
 import pytest
 import safetensors
 
-from mlx_engine.encoding import (
-    EncodingError,
-    captures_to_safetensors,
-    decode_capture,
-    decode_capture_extras,
-    encode_capture,
-    safetensors_to_captures,
-)
+from mlx_engine.wire.codec import EncodingError, decode_capture, decode_capture_extras, encode_capture
+from mlx_engine.wire.files import captures_to_safetensors, safetensors_to_captures
 from mlx_engine.hooks.capture import Capture
 
 WIRE_KEYS = {
@@ -244,22 +237,17 @@ def test_safetensors_rejects_a_capture_filed_under_another_hook() -> None:
         captures_to_safetensors({"layers.1.mlp": [capture]})
 
 
-def end_to_end_seconds(capture: Capture, fmt: str, repeats: int = 3) -> float:
-    """Best of `repeats`: encode, JSON text, parse, decode, as server and client do."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        text = json.dumps(encode_capture(capture, fmt), allow_nan=False)
-        decoded = decode_capture(json.loads(text))
-        best = min(best, time.perf_counter() - start)
-        assert decoded.shape == tuple(capture.shape)
-    return best
+@pytest.mark.parametrize("fmt", ["json", "base64"])
+def test_masked_scores_survive_the_server_to_client_path(fmt: str) -> None:
+    """Encode, strict JSON text, parse, decode, as server and client do, on a masked score tensor.
 
-
-def test_base64_is_at_least_five_times_faster_than_json() -> None:
+    (How fast each format makes this trip is measured by the benchmarks: benchmarks/wire.py,
+    and the "base64 >= 5x faster than json end to end" target in benchmarks/report.py.)
+    """
     scores = np.random.default_rng(2).standard_normal((8, 32, 64)).astype(np.float32)
     scores[:, :, 40:] = -np.inf
     capture = make_capture(mx.array(scores), "attention_scores", key_positions=list(range(64)))
-    json_s = end_to_end_seconds(capture, "json")
-    base64_s = end_to_end_seconds(capture, "base64")
-    assert base64_s * 5 <= json_s, (json_s, base64_s)
+    text = json.dumps(encode_capture(capture, fmt), allow_nan=False)
+    decoded = decode_capture(json.loads(text))
+    assert decoded.shape == tuple(capture.shape)
+    np.testing.assert_array_equal(decoded, scores)

@@ -10,6 +10,7 @@ and the NeuroScope files it writes must validate against the format's JSON Schem
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import json
 import re
@@ -28,7 +29,7 @@ from neuroscope_server import running_server
 import mlx_engine
 from mlx_engine.integrations.neuroscope.client import NeuroScopeClient
 from mlx_engine.integrations.neuroscope.format import load_schema
-from mlx_engine.model_kit import DEFAULT_MODEL_DIR
+from mlx_engine.loading import DEFAULT_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -38,9 +39,13 @@ needs_model = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="the embedded default model is not in this checkout"
 )
 
-# Example -> the tests of this module that run it. steering.py is run (on the default model
-# too) by tests/test_interventions_example.py; the guard checks that file still does.
-COVERED_HERE = {
+# Each file in examples/ -> the tests that run it: the one record of which test runs which
+# example. No test names a script itself: each takes the `example` fixture, which hands it the
+# script this table files it under. "module::test" is a test in another module (steering.py is
+# run, on the default model too, by tests/test_interventions_example.py, whose `example`
+# fixture loads that module's EXAMPLE). test_every_example_is_run_by_a_test checks the table
+# against examples/, so an example without a test fails the suite.
+EXAMPLE_TESTS: dict[str, tuple[str, ...]] = {
     "basic_capture.py": ("test_basic_capture_rows_match_run_with_cache",),
     "run_with_cache.py": ("test_run_with_cache_prints_every_layer",),
     "rest_streaming.py": (
@@ -50,15 +55,27 @@ COVERED_HERE = {
     ),
     "neuroscope_bridge.py": ("test_neuroscope_bridge_writes_valid_files",),
     "openai_extra_body.py": ("test_openai_extra_body_whole_and_streamed_agree",),
+    "steering.py": (
+        "test_interventions_example::test_steering_raises_the_class_frequency_where_the_direction_exists",
+        "test_interventions_example::test_example_steers_the_default_model",
+    ),
 }
-COVERED_ELSEWHERE = {"steering.py": ROOT / "tests" / "test_interventions_example.py"}
+EXAMPLE_OF_TEST = {test: name for name, tests in EXAMPLE_TESTS.items() for test in tests if "::" not in test}
 
 
-def run_example(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+@pytest.fixture
+def example(request: pytest.FixtureRequest) -> Path:
+    """The script EXAMPLE_TESTS files the requesting test under."""
+    test = request.function.__name__
+    assert test in EXAMPLE_OF_TEST, f"{test} takes `example` but EXAMPLE_TESTS does not list it"
+    return EXAMPLES / EXAMPLE_OF_TEST[test]
+
+
+def run_example(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
-    assert done.returncode == 0, f"{name} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    assert done.returncode == 0, f"{script.name} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     return done
 
 
@@ -96,22 +113,34 @@ def residual_norms(base_url: str, prompt: str, layers: list[int], max_tokens: in
 
 def test_every_example_is_run_by_a_test() -> None:
     scripts = {p.name for p in EXAMPLES.glob("*.py")}
-    uncovered = scripts - COVERED_HERE.keys() - COVERED_ELSEWHERE.keys()
-    assert not uncovered, f"examples with no test running them: {sorted(uncovered)}; add them to tests/test_examples.py"
-    assert not (COVERED_HERE.keys() | COVERED_ELSEWHERE.keys()) - scripts, "a covered example no longer exists"
+    uncovered = scripts - {name for name, tests in EXAMPLE_TESTS.items() if tests}
+    assert not uncovered, f"examples with no test running them: {sorted(uncovered)}; add them to EXAMPLE_TESTS in tests/test_examples.py"
+    assert not EXAMPLE_TESTS.keys() - scripts, "a covered example no longer exists"
+    listed = [test for tests in EXAMPLE_TESTS.values() for test in tests]
+    assert len(listed) == len(set(listed)), "a test is filed under two examples"
     this_module = sys.modules[__name__]
-    for name, tests in COVERED_HERE.items():
+    for name, tests in EXAMPLE_TESTS.items():
         for test in tests:
-            function = getattr(this_module, test, None)
+            module_name, _, function_name = test.rpartition("::")
+            module = importlib.import_module(module_name) if module_name else this_module
+            function = getattr(module, function_name, None)
             assert callable(function), f"{test} is listed but not defined"
-            assert f'"{name}"' in inspect.getsource(function), f"{test} does not run {name}"
-    for name, test_file in COVERED_ELSEWHERE.items():
-        assert f'"examples" / "{name}"' in test_file.read_text(encoding="utf-8"), f"{test_file.name} no longer runs {name}"
+            # It gets the script from the `example` fixture, which the table (here) or the
+            # module's EXAMPLE (elsewhere) points at this example.
+            assert "example" in inspect.signature(function).parameters, f"{test} does not take the `example` fixture"
+            if module_name:
+                assert Path(module.EXAMPLE) == EXAMPLES / name, f"{module_name}.EXAMPLE is {module.EXAMPLE}, not {name}"
+    # And every test here that takes `example` is in the table.
+    takers = {
+        n for n, f in vars(this_module).items()
+        if n.startswith("test_") and callable(f) and "example" in inspect.signature(f).parameters
+    }
+    assert takers == EXAMPLE_OF_TEST.keys(), takers ^ EXAMPLE_OF_TEST.keys()
 
 
 @needs_model
-def test_basic_capture_rows_match_run_with_cache(kit) -> None:
-    out = run_example("basic_capture.py").stdout
+def test_basic_capture_rows_match_run_with_cache(kit, example: Path) -> None:
+    out = run_example(example).stdout
     n_layers = kit.arch_info.num_layers
     rows = [floats(line)[-n_layers:] for line in out.splitlines() if line.strip()]
     assert 1 <= len(rows) <= 16 and all(len(r) == n_layers for r in rows), out
@@ -124,8 +153,8 @@ def test_basic_capture_rows_match_run_with_cache(kit) -> None:
 
 
 @needs_model
-def test_run_with_cache_prints_every_layer(kit) -> None:
-    out = run_example("run_with_cache.py").stdout.splitlines()
+def test_run_with_cache_prints_every_layer(kit, example: Path) -> None:
+    out = run_example(example).stdout.splitlines()
     text = "import json\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n"
     n_tokens = len(mlx_engine.tokenize(kit, text))
     assert out[0] == f"{n_tokens} tokens; logits ({n_tokens}, {kit.arch_info.vocab_size})", out[0]
@@ -146,9 +175,9 @@ def parse_rest_rows(stdout: str) -> list[tuple[int, str, list[float]]]:
 
 
 @needs_model
-def test_rest_streaming_norms_match_a_whole_request(base_url: str) -> None:
+def test_rest_streaming_norms_match_a_whole_request(base_url: str, example: Path) -> None:
     prompt, max_tokens = "Read a file.", 4
-    out = run_example("rest_streaming.py", "--base-url", base_url, "--prompt", prompt, "--max-tokens", str(max_tokens)).stdout
+    out = run_example(example, "--base-url", base_url, "--prompt", prompt, "--max-tokens", str(max_tokens)).stdout
     rows = parse_rest_rows(out)
     assert [r[0] for r in rows] == list(range(max_tokens)), out
     tokens, norms = residual_norms(base_url, prompt, list(range(len(rows[0][2]))), max_tokens)
@@ -158,16 +187,16 @@ def test_rest_streaming_norms_match_a_whole_request(base_url: str) -> None:
 
 
 @needs_model
-def test_rest_streaming_serves_itself() -> None:
-    out = run_example("rest_streaming.py", "--serve", "--max-tokens", "2").stdout
+def test_rest_streaming_serves_itself(example: Path) -> None:
+    out = run_example(example, "--serve", "--max-tokens", "2").stdout
     rows = parse_rest_rows(out)
     assert [r[0] for r in rows] == [0, 1] and all(v > 0 for r in rows for v in r[2]), out
 
 
-def test_rest_streaming_says_how_to_start_a_server() -> None:
+def test_rest_streaming_says_how_to_start_a_server(example: Path) -> None:
     url = f"http://127.0.0.1:{closed_port()}"
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "rest_streaming.py"), "--base-url", url],
+        [sys.executable, str(example), "--base-url", url],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and "mlx-engine serve" in done.stderr and url in done.stderr, done.stderr
@@ -181,12 +210,12 @@ def check_entry(entry: dict[str, Any]) -> np.ndarray:
 
 
 @needs_model
-def test_neuroscope_bridge_writes_valid_files(base_url: str, tmp_path: Path) -> None:
+def test_neuroscope_bridge_writes_valid_files(base_url: str, tmp_path: Path, example: Path) -> None:
     # One layer of circuit hooks and a short prompt keep the files small: the schema check
     # visits every value (about 45 microseconds each).
     prompt = "Sum a list."
     args = ("--base-url", base_url, "--out", str(tmp_path), "--max-tokens", "3", "--layers", "1", "--prompt", prompt)
-    out = run_example("neuroscope_bridge.py", *args).stdout
+    out = run_example(example, *args).stdout
     validator = jsonschema.Draft202012Validator(load_schema())
     circuit = json.loads((tmp_path / "circuit.json").read_text(encoding="utf-8"))
     stream = json.loads((tmp_path / "attention_stream.json").read_text(encoding="utf-8"))
@@ -215,8 +244,8 @@ def test_neuroscope_bridge_writes_valid_files(base_url: str, tmp_path: Path) -> 
 
 
 @needs_model
-def test_openai_extra_body_whole_and_streamed_agree(base_url: str) -> None:
-    out = run_example("openai_extra_body.py", "--base-url", base_url, "--max-tokens", "4").stdout
+def test_openai_extra_body_whole_and_streamed_agree(base_url: str, example: Path) -> None:
+    out = run_example(example, "--base-url", base_url, "--max-tokens", "4").stdout
     pattern = re.compile(r"^(whole|stream) +step +(\d+) +('.*'|\".*\") layers\.3\.residual shape \[\d+, \d+\] \|last row\| (" + FLOAT + ")$")
     rows: dict[str, list[tuple[int, str, float]]] = {"whole": [], "stream": []}
     for m in filter(None, map(pattern.match, out.splitlines())):

@@ -1,4 +1,4 @@
-"""The HTTP server end to end: `python -m mlx_engine.api_server` (waitress) in a subprocess on
+"""The HTTP server end to end: `python -m mlx_engine.server` (waitress) in a subprocess on
 127.0.0.1, a real tiny checkpoint, the official `openai` client and raw HTTP.
 
 Expected outputs come from the engine run in this process on the same checkpoint, so every
@@ -25,7 +25,8 @@ import requests
 import tiny_checkpoints as tc
 
 import mlx_engine
-from mlx_engine.encoding import decode_capture, safetensors_to_captures
+from mlx_engine.wire.codec import decode_capture
+from mlx_engine.wire.files import safetensors_to_captures
 
 KEY = "sk-test-7f3a"
 ORIGIN = "http://localhost:5173"
@@ -57,7 +58,7 @@ def start_server(args: list[str], log_path: Path, timeout: float = 90.0) -> Runn
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_engine.api_server", "--port", "0", *args],
+            [sys.executable, "-m", "mlx_engine.server", "--port", "0", *args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent,
         )
     deadline = time.monotonic() + timeout
@@ -193,7 +194,8 @@ USER = [{"role": "user", "content": "Write the json encoder."}]
 
 
 class RawSSE:
-    """A streaming request over a plain socket: raw bytes, de-chunked, with arrival times."""
+    """A streaming request over a plain socket: raw bytes, de-chunked, each piece tagged with
+    the socket read it arrived in (1, 2, ...), which orders arrivals without a clock."""
 
     def __init__(self, url: str, path: str, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> None:
         host, port = url.removeprefix("http://").split(":")
@@ -204,14 +206,14 @@ class RawSSE:
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
         self.buffer = b""
-        self.recv_times: list[float] = []
+        self.reads = 0
         self.headers = self._read_headers()
 
     def _recv(self) -> bool:
         data = self.sock.recv(65536)
         if not data:
             return False
-        self.recv_times.append(time.perf_counter())
+        self.reads += 1
         self.buffer += data
         return True
 
@@ -224,7 +226,7 @@ class RawSSE:
         return {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
 
     def chunks(self):
-        """Yield (arrival time, chunk bytes) of the chunked body as the bytes arrive."""
+        """Yield (read number, chunk bytes) of the chunked body as the bytes arrive."""
         while True:
             while b"\r\n" not in self.buffer:
                 if not self._recv():
@@ -237,17 +239,17 @@ class RawSSE:
             self.buffer = rest[size + 2 :]
             if size == 0:
                 return
-            yield self.recv_times[-1], rest[:size]
+            yield self.reads, rest[:size]
 
     def events(self):
-        """Yield (arrival time, event text) of each SSE event; asserts the `data: ...\\n\\n` framing."""
+        """Yield (read number, event text) of each SSE event; asserts the `data: ...\\n\\n` framing."""
         pending = b""
-        for t, chunk in self.chunks():
+        for read, chunk in self.chunks():
             pending += chunk
             while b"\n\n" in pending:
                 event, pending = pending.split(b"\n\n", 1)
                 assert event.startswith(b"data: ") and b"\n" not in event, event
-                yield t, event[6:].decode()
+                yield read, event[6:].decode()
         assert pending == b"", f"bytes after the last event: {pending!r}"
 
     def close(self) -> None:
@@ -261,6 +263,20 @@ def sse_json(url: str, path: str, body: dict[str, Any]) -> list[Any]:
     stream.close()
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
+
+
+def engine_when_idle(http, deadline_s: float = 120.0) -> dict[str, Any]:
+    """GET /health once the engine thread has no job running or queued.
+
+    The deadline only stops a hung test from waiting forever; it is not a speed check.
+    """
+    deadline = time.monotonic() + deadline_s
+    while True:
+        health = http("GET", "/health").json()
+        if not health["engine"]["busy"] and health["engine"]["queue_depth"] == 0:
+            return health
+        assert time.monotonic() < deadline, f"engine still busy after {deadline_s}s: {health['engine']}"
+        time.sleep(0.02)
 
 
 # ----------------------------------------------------------------------------- OpenAI client
@@ -434,18 +450,26 @@ def test_capture_store_is_bounded(http):
 
 
 def test_capture_over_budget_is_refused_before_generating(http):
-    before = http("GET", "/health").json()["engine"]
-    started = time.perf_counter()
+    before = engine_when_idle(http)
+    stored = http("GET", "/v1/activations/captures").json()["data"]
     r = http("POST", "/v1/chat/completions/with_activations", json={
         "messages": USER, "max_tokens": MAX_TOKENS_LIMIT, "stream": True,
         "activation_hooks": [{"layer_name": i, "component": "attention_scores"} for i in range(3)],
     })
     assert r.status_code == 413
+    # A streamed request answers with its headers at the first generated token; a JSON error
+    # instead of an event stream means the refusal came before that token.
+    assert r.headers["Content-Type"] == "application/json"
     err = r.json()["error"]
     assert err["code"] == "capture_budget_exceeded" and err["param"] == "activation_hooks"
-    assert "MiB" in err["message"] and time.perf_counter() - started < 5
-    after = http("GET", "/health").json()["engine"]
-    assert after["completed_generations"] == before["completed_generations"]
+    assert "MiB" in err["message"]
+    # Nothing generates afterwards either: once the engine is idle, no generation has completed
+    # or been cancelled, and no capture was kept.
+    after = engine_when_idle(http)
+    for counter in ("completed_generations", "cancelled_generations"):
+        assert after["engine"][counter] == before["engine"][counter], (counter, before["engine"], after["engine"])
+    assert after["capture_store"] == before["capture_store"]
+    assert http("GET", "/v1/activations/captures").json()["data"] == stored
 
 
 # ----------------------------------------------------------------------------- streaming over the wire
@@ -465,38 +489,57 @@ def test_sse_framing_on_the_wire(server, model_id):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_events_arrive_while_generation_is_still_running(server, model_id):
+def test_events_arrive_while_generation_is_still_running(server, http, model_id):
+    before = engine_when_idle(http)["engine"]
     stream = RawSSE(server.url, "/v1/completions", {"model": model_id, "prompt": "import json", "max_tokens": 400,
                                                      "temperature": 0, "stream": True, "logprobs": 1})
-    times = [t for t, _ in stream.events()]
+    events = stream.events()
+    first = next(events)
+    # Had the server buffered the body, nothing would arrive before the generation ended.
+    # Instead, the first event is in the client's hands while the engine is still generating.
+    during = http("GET", "/health").json()["engine"]
+    assert during["busy"] and during["completed_generations"] == before["completed_generations"], during
+    reads = [first[0]] + [read for read, _ in events]
     stream.close()
-    assert len(times) >= 400
-    # Had the server buffered the body, every event would arrive in one burst at the end.
-    # Instead, the first event lands well before the last one and the body comes in many reads.
-    assert times[-1] - times[0] > 0.1, times[-1] - times[0]
-    assert len(stream.recv_times) > 20
-    assert sum(t < times[-1] - 0.05 for t in times) > len(times) // 4
+    assert len(reads) >= 400
+    # The body comes in many reads, and many events arrive in reads before the last event's.
+    assert stream.reads > 20
+    assert reads[0] < reads[-1], reads
+    assert sum(read < reads[-1] for read in reads) > len(reads) // 4
+    after = engine_when_idle(http)["engine"]
+    assert after["completed_generations"] == before["completed_generations"] + 1
 
 
 def test_disconnected_stream_stops_generating_and_frees_the_model(server, http, model_id, client):
-    before = http("GET", "/health").json()["engine"]
+    before = engine_when_idle(http)["engine"]
     stream = RawSSE(server.url, "/v1/completions", {"model": model_id, "prompt": "import json",
                                                      "max_tokens": MAX_TOKENS_LIMIT, "stream": True})
     events = stream.events()
     for _ in range(3):
         next(events)
+    during = http("GET", "/health").json()["engine"]
+    assert during["busy"] and during["completed_generations"] == before["completed_generations"], during
     stream.close()
-    gone_at = time.perf_counter()
+    # Wait for the generation to end one way or the other; the deadline only prevents a hang.
+    # Had the disconnect gone unnoticed, it would run on and end as a completed generation.
+    deadline = time.monotonic() + 120
     while True:
         engine = http("GET", "/health").json()["engine"]
-        if engine["cancelled_generations"] == before["cancelled_generations"] + 1:
+        if any(engine[k] != before[k] for k in ("cancelled_generations", "completed_generations", "failed_generations")):
             break
-        assert time.perf_counter() - gone_at < 3, f"generation still running: {engine}"
+        assert time.monotonic() < deadline, f"generation neither cancelled nor finished: {engine}"
         time.sleep(0.02)
-    assert engine["completed_generations"] == before["completed_generations"]
+    # The client going away cancelled it, and freed the engine: idle, nothing queued.
+    engine = engine_when_idle(http)["engine"]
+    assert engine["cancelled_generations"] == before["cancelled_generations"] + 1, engine
+    assert engine["completed_generations"] == before["completed_generations"], engine
+    assert engine["failed_generations"] == before["failed_generations"], engine
     resp = client.chat.completions.create(model=model_id, messages=USER, max_tokens=4, temperature=0)
     assert resp.choices[0].finish_reason == "length"
-    assert time.perf_counter() - gone_at < 5
+    # The next request ran as the only new job: one completion, no further cancellation.
+    after = engine_when_idle(http)["engine"]
+    assert after["completed_generations"] == before["completed_generations"] + 1, after
+    assert after["cancelled_generations"] == before["cancelled_generations"] + 1, after
 
 
 def test_concurrent_clients_get_the_sequential_answers(http, server, model_id):
