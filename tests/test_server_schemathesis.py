@@ -43,6 +43,7 @@ def fuzz_server(llama_checkpoint, tmp_path_factory):
     assert "Traceback" not in srv.log(), srv.log()
 
 
+@pytest.mark.slow
 def test_every_operation_honours_its_schema(fuzz_server):
     schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
     failures: list[str] = []

@@ -145,7 +145,9 @@ def test_full_size_plan_matches_the_architecture(name: str) -> None:
         assert synth.logical_parameters(plans) / 1e9 == pytest.approx(1.236, abs=0.01)
 
 
-@pytest.mark.parametrize("name", sorted(synth.ARCHITECTURES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("gpt-oss-1") else n for n in sorted(synth.ARCHITECTURES)]
+)
 def test_synth_loads_and_generates(name: str, tmp_path: Path) -> None:
     import mlx.core as mx
 
@@ -193,6 +195,7 @@ def test_synth_loads_and_generates(name: str, tmp_path: Path) -> None:
         mx.clear_cache()
 
 
+@pytest.mark.slow
 def test_activations_stay_finite_through_every_layer(tmp_path: Path) -> None:
     import mlx.core as mx
 
@@ -226,6 +229,7 @@ def _synth_peak_rss(args: list[str]) -> tuple[int, int]:
     return peak, size
 
 
+@pytest.mark.slow
 def test_synth_streams_in_bounded_memory(tmp_path: Path) -> None:
     """A 1 GB checkpoint is written with no more memory than a tiny one plus a few chunks."""
     tiny_peak, _ = _synth_peak_rss(["--like", "llama-125m", "--layers", "1", "--bits", "4", "--out", str(tmp_path / "t")])
