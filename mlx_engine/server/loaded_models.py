@@ -36,7 +36,7 @@ class LoadedModel:
     kit: ModelKit
     created: int
     source: str
-    hook_points: dict[str, Any]
+    hook_listing: dict[str, Any]  # the JSON listing (kit.hook_points are the live HookPoints)
     harmony_tokens: Optional[HarmonyTokens]
     hooks: ActivationHookManager
     hooks_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -50,7 +50,7 @@ class LoadedModel:
             kit=kit,
             created=int(time.time()),
             source=source,
-            hook_points=describe_hook_points(kit),
+            hook_listing=describe_hook_points(kit),
             harmony_tokens=harmony,
             hooks=ActivationHookManager(kit),
         )

@@ -43,4 +43,4 @@ def unload() -> Response:
     path_params={"model_id": "A loaded model id."},
 )
 def hook_points(model_id: str) -> Response:
-    return jsonify(state().registry.get(model_id, param="model_id").hook_points)
+    return jsonify(state().registry.get(model_id, param="model_id").hook_listing)
