@@ -17,7 +17,7 @@ _EXPORTS: dict[str, str] = {
     "ActivationHookManager": "mlx_engine.hooks.registry",
     "ActivationHookSpec": "mlx_engine.hooks.names",
     "BoundIntervention": "mlx_engine.interventions.ops",
-    "CacheResult": "mlx_engine.generation.api",
+    "ActivationCache": "mlx_engine.generation.cache",
     "Capture": "mlx_engine.hooks.capture",
     "CaptureBudgetError": "mlx_engine.hooks.budget",
     "ComponentType": "mlx_engine.hooks.components",

@@ -558,7 +558,7 @@ def test_corrupt_safetensors_is_named(ckpt, tmp_path, damage):
 def test_hook_points_and_arch_info(kit):
     points = kit.model.hook_points()
     assert list(points)[0] == "embedding" and list(points)[-1] == "final_norm"
-    assert len(points) == 2 + 4 * 13
+    assert len(points) == 2 + 4 * 16  # 13 sites of the contract and z, plus resid_mid, expert_pre, expert_post
     assert all(hp.name == name and hp.fn is None for name, hp in points.items())
     info = kit.model.arch_info
     assert (info.n_experts, info.experts_per_token, info.sliding_window) == (4, 2, WINDOW)

@@ -123,8 +123,14 @@ class Reference:
                 norm2.register_forward_hook(save(f"{i}.mlp_in")),
                 mlp.register_forward_hook(save(f"{i}.mlp")),
             ]
+            hooks.append(norm2.register_forward_hook(save(f"{i}.resid_mid", lambda m, a, o: a[0])))
             if hasattr(mlp, "router"):
                 hooks.append(mlp.router.register_forward_hook(save(f"{i}.router", lambda m, a, o: o[0][None])))
+            else:  # the dense MLP's neurons: the gate (c_fc) output and the down projection's (c_proj's) input
+                pre = mlp.c_fc if hasattr(mlp, "c_fc") else mlp.gate_proj
+                down = mlp.c_proj if hasattr(mlp, "c_fc") else mlp.down_proj
+                hooks.append(pre.register_forward_hook(save(f"{i}.mlp_pre")))
+                hooks.append(down.register_forward_hook(save(f"{i}.mlp_post", lambda m, a, o: a[0])))
             attn._capture_layer = i
 
         def recording_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any):
@@ -167,6 +173,8 @@ def all_hooks(kit) -> list[dict[str, Any]]:
     hooks: list[dict[str, Any]] = [{"layer_name": "embedding", "component": "embedding"}, {"layer_name": "final_norm", "component": "layernorm"}]
     for layer in points["layers"]:
         for component, desc in layer["components"].items():
+            if component in EXPERT_SITES:
+                continue
             hooks.append({"layer_name": layer["name"], "component": component})
             if desc["supports_input"]:
                 hooks.append({"layer_name": layer["name"], "component": component, "capture_input": True, "capture_output": False})
@@ -187,7 +195,12 @@ REF_KEY = {  # (component, is_input) -> reference tensor name
     ("value", False): "value",
     ("z", False): "z",
     ("router", False): "router",
+    ("resid_mid", False): "resid_mid",
+    ("mlp_pre", False): "mlp_pre",
+    ("mlp_post", False): "mlp_post",
 }
+# The routed experts' units are checked against transformers' expert computation in test_neuron_sites.py.
+EXPERT_SITES = ("expert_pre", "expert_post")
 
 
 def compare(capture: Any, ref: dict[str, np.ndarray], n_layers: int) -> None:

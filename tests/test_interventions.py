@@ -447,7 +447,7 @@ def test_other_refusals(gpt_oss_kit) -> None:
         "is_input": False, "op": "zero", "positions": "all",
     }
     assert parse_intervention({"layer_name": 1, "op": "zero", "positions": 3}).positions == (3,)
-    assert set(OPS) == {"add", "zero", "mean", "clamp", "scale", "patch"}
+    assert set(OPS) == {"add", "zero", "mean", "clamp", "scale", "patch", "topk"}
 
 
 def test_edits_arm_only_their_hooks_and_disarm_when_closed(llama_kit) -> None:

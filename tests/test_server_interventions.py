@@ -252,7 +252,7 @@ def bad_cases(kit, capture_id: str) -> list[tuple[dict[str, Any], str, str]]:
         ({"layer_name": 3, "component": "residual", "op": "zero"}, r"Layer 3 is out of range: this model has 3 layers \(0..2\)", "layer_name"),
         ({"layer_name": 1, "component": "resid", "op": "zero"}, r"component: Input should be 'embedding', 'residual'", "component"),
         ({"layer_name": 1, "component": "attention_pattern", "op": "zero"}, r"component: Input should be", "component"),
-        ({"layer_name": 1, "component": "residual", "op": "multiply"}, r"op: Input should be 'add', 'zero', 'mean', 'clamp', 'scale' or 'patch'", "op"),
+        ({"layer_name": 1, "component": "residual", "op": "multiply"}, r"op: Input should be 'add', 'zero', 'mean', 'clamp', 'scale', 'patch' or 'topk'", "op"),
         ({"layer_name": 1, "component": "mlp", "op": "zero", "indices": [3, 64]}, r"index 64 is out of range: layers.1.mlp has 64 features per position \(0..63\)", "indices"),
         ({"layer_name": 1, "component": "z", "op": "zero", "heads": [4]}, r"head 4 is out of range: layers.1.z has 4 heads \(0..3\)", "heads"),
         ({"layer_name": 1, "component": "key", "op": "zero", "heads": [2]}, r"head 2 is out of range: layers.1.key has 2 heads \(0..1\)", "heads"),

@@ -8,19 +8,20 @@ request fails without generating.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..hooks.budget import check_budget
-from ..hooks.capture import Capture, StepActivations
+from ..hooks.capture import StepActivations
 from ..hooks.names import HookRequest, ResolvedHook, resolve_hooks
 from ..hooks.session import HookSession
 from ..interventions.ops import BoundIntervention, bind_interventions
 from ..interventions.resolve import InterventionRequest, resolve_interventions
 from ..loading import ModelKit, tokenize
+from .cache import ActivationCache
 from .loop import Sampling, token_steps
 from .text import TextStream
 from .types import GenerationResult
@@ -123,18 +124,6 @@ def _results(steps: Iterator[tuple[GenerationResult, StepActivations]]) -> Itera
         steps.close()  # type: ignore[attr-defined]  # disarms an intervention session at once
 
 
-@dataclass
-class CacheResult:
-    """One forward pass over a prompt: its logits [T, vocab] and each hook's capture."""
-
-    tokens: list[int]
-    logits: mx.array
-    activations: dict[str, Capture]
-
-    def __getitem__(self, hook_id: str) -> mx.array:
-        return self.activations[hook_id].array
-
-
 def run_with_cache(
     kit: ModelKit,
     text_or_tokens: Union[str, Sequence[int]],
@@ -142,8 +131,10 @@ def run_with_cache(
     *,
     interventions: Optional[Iterable[InterventionRequest]] = None,
     sources: Optional[Mapping[str, Any]] = None,
-) -> CacheResult:
+) -> ActivationCache:
     """Run the prompt once (no generation) and return every requested hook's tensor.
+
+    The cache is indexed by the names the hooks were asked by and by their canonical ids.
 
     With `interventions` the forward runs edited (logits included); captures compose
     with edits as in create_generator_with_activations.
@@ -151,7 +142,9 @@ def run_with_cache(
     tokens = tokenize(kit, text_or_tokens) if isinstance(text_or_tokens, str) else [int(t) for t in text_or_tokens]
     if not tokens:
         raise ValueError("The prompt is empty: give at least one token.")
+    hooks = list(hooks)
     resolved = resolve_hooks(kit.arch_info, kit.native, hooks)
+    aliases = {name: hook_id for name, hook_id in _names(kit, hooks)}
     edits = _bound(kit, interventions, len(tokens), 0, sources)
     session = HookSession(kit.hook_points, resolved, edits)
     session.arm()
@@ -168,4 +161,12 @@ def run_with_cache(
     mx.eval(*arrays)
     for c in captures:
         c.settle()
-    return CacheResult(tokens=tokens, logits=logits, activations={c.hook_id: c for c in captures})
+    return ActivationCache(tokens, logits, {c.hook_id: c for c in captures}, aliases)
+
+
+def _names(kit: ModelKit, hooks: list[Any]) -> Iterator[tuple[str, str]]:
+    """(name a hook was asked by, its hook id) for every hook asked by a plain name."""
+    for spec in hooks:
+        if isinstance(spec, str):
+            for r in resolve_hooks(kit.arch_info, kit.native, [spec]):
+                yield spec, r.hook_id

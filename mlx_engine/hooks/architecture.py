@@ -24,6 +24,8 @@ class ArchitectureInfo:
     vocab_size: int
     n_experts: Optional[int] = None
     experts_per_token: Optional[int] = None
+    # MLP hidden units (neurons) per position: d_mlp of a dense MLP, d_expert of each MoE expert.
+    d_mlp: Optional[int] = None
     sliding_window: Optional[int] = None
     # Per layer: "full_attention" or "sliding_attention".
     layer_types: tuple[str, ...] = field(default_factory=tuple)

@@ -47,7 +47,8 @@ def capture_bytes(
                 keys += min(s, window) if window else s
             total += info.n_heads * keys * KEYED_ITEMSIZE
         else:
-            total += rows * elements_per_position(info, r.component) * itemsize
+            features = len(r.indices) if r.indices is not None else None
+            total += rows * elements_per_position(info, r.component, features) * itemsize
     return total
 
 

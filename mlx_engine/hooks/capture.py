@@ -51,6 +51,8 @@ class Capture:
     extras: dict[str, mx.array] = field(default_factory=dict)
     # For a capture taken where an intervention also acts: "before" or "after" the edit.
     edit: Optional[str] = None
+    # For a capture of a feature subset: the indices (along the last axis) of its columns.
+    indices: Optional[list[int]] = None
 
     @property
     def shape(self) -> list[int]:

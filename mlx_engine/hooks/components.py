@@ -7,13 +7,13 @@ intervention checks) reads it here, so the shapes are written down once.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Union
+from typing import Optional, Union
 
 from .architecture import ArchitectureInfo
 
 
 class ComponentType(str, Enum):
-    """The ten components every native architecture offers, plus `z` and the MoE router.
+    """The ten components every native architecture offers, plus `z`, the MoE router and the neuron sites.
 
     A `str` enum so a component compares equal to its wire name ("residual") and
     serialises without help.
@@ -31,6 +31,11 @@ class ComponentType(str, Enum):
     VALUE = "value"
     ROUTER = "router"
     Z = "z"
+    RESID_MID = "resid_mid"
+    MLP_PRE = "mlp_pre"
+    MLP_POST = "mlp_post"
+    EXPERT_PRE = "expert_pre"
+    EXPERT_POST = "expert_post"
 
     def __str__(self) -> str:  # f"{component}" gives the wire name
         return self.value
@@ -48,14 +53,32 @@ CORE_COMPONENTS: tuple[ComponentType, ...] = (
 MODULE_COMPONENTS: tuple[ComponentType, ...] = (C.EMBEDDING, C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM)
 # Components whose tensors are [H, T, head_dim]: per-head edits (`heads`) apply here.
 HEAD_COMPONENTS: tuple[ComponentType, ...] = (C.QUERY, C.KEY, C.VALUE, C.Z)
+# The MLP's hidden units: [T, d_mlp] for a dense MLP.
+NEURON_COMPONENTS: tuple[ComponentType, ...] = (C.MLP_PRE, C.MLP_POST)
+# The routed experts' hidden units: [T, k, d_expert], the k experts each token was routed to.
+EXPERT_COMPONENTS: tuple[ComponentType, ...] = (C.EXPERT_PRE, C.EXPERT_POST)
+# What every native dense model offers beyond the contract's ten.
+NATIVE_EXTRA_COMPONENTS: tuple[ComponentType, ...] = (C.Z, C.RESID_MID)
 # Scores and patterns are [H, T, S] over the keys attended.
 KEYED_COMPONENTS: tuple[ComponentType, ...] = (C.ATTENTION_SCORES, C.ATTENTION_PATTERN)
 # Components whose sublayer input can be captured too (`capture_input`).
 INPUT_COMPONENTS: tuple[ComponentType, ...] = (C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM)
 # Components an intervention may edit.
-EDITABLE_COMPONENTS: tuple[ComponentType, ...] = MODULE_COMPONENTS + HEAD_COMPONENTS
+EDITABLE_COMPONENTS: tuple[ComponentType, ...] = (
+    MODULE_COMPONENTS + HEAD_COMPONENTS + (C.RESID_MID,) + NEURON_COMPONENTS + EXPERT_COMPONENTS
+)
 # Components a steering vector (one [d_model] direction) lives in.
-DIRECTION_COMPONENTS: tuple[ComponentType, ...] = (C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM, C.EMBEDDING)
+DIRECTION_COMPONENTS: tuple[ComponentType, ...] = (C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM, C.EMBEDDING, C.RESID_MID)
+
+# What a neuron index means, per component, for the hook listing.
+NEURON_MEANING: dict[ComponentType, str] = {
+    C.MLP_PRE: "column i of the MLP's pre-activation (the gate projection of a gated MLP, c_fc of GPT-2)",
+    C.MLP_POST: "hidden unit i entering the down projection (act(gate) * up for a gated MLP)",
+    C.EXPERT_PRE: "row j is the j-th expert the token was routed to (its id in extras 'experts'); column i is "
+    "that expert's gate pre-activation unit i",
+    C.EXPERT_POST: "row j is the j-th expert the token was routed to (its id in extras 'experts'); column i is "
+    "that expert's hidden unit i entering its down projection",
+}
 
 Shape = list[Union[int, str]]
 
@@ -70,21 +93,36 @@ def row_shape(info: ArchitectureInfo, component: ComponentType) -> Shape:
         return [info.n_heads, "T", "S"]
     if component is C.ROUTER:
         return ["T", info.n_experts or 0]
+    if component in NEURON_COMPONENTS:
+        return ["T", info.d_mlp or 0]
+    if component in EXPERT_COMPONENTS:
+        return ["T", info.experts_per_token or 0, info.d_mlp or 0]
     return ["T", info.d_model]
 
 
 def position_shape(info: ArchitectureInfo, component: ComponentType) -> tuple[int, int]:
-    """(heads, width) of one position of an editable site: (0, d_model) where there is no head axis."""
+    """(heads, width) of one position of an editable site: (0, d_model) where there is no head axis.
+
+    For the routed experts the "heads" are the k experts a token was routed to.
+    """
     if component in (C.QUERY, C.Z):
         return info.n_heads, info.head_dim
     if component in (C.KEY, C.VALUE):
         return info.n_kv_heads, info.head_dim
+    if component in NEURON_COMPONENTS:
+        return 0, info.d_mlp or 0
+    if component in EXPERT_COMPONENTS:
+        return info.experts_per_token or 0, info.d_mlp or 0
     return 0, info.d_model
 
 
-def elements_per_position(info: ArchitectureInfo, component: ComponentType) -> int:
-    """Elements captured per new position, for every component but scores and patterns."""
+def elements_per_position(info: ArchitectureInfo, component: ComponentType, features: Optional[int] = None) -> int:
+    """Elements captured per new position, for every component but scores and patterns.
+
+    `features` is the size of a requested subset of the last axis (None: all of it).
+    """
     if component is C.ROUTER:
         return (info.n_experts or 0) + 2 * (info.experts_per_token or 0)
     heads, width = position_shape(info, component)
-    return max(heads, 1) * width
+    extra = info.experts_per_token or 0 if component in EXPERT_COMPONENTS else 0  # the expert ids
+    return max(heads, 1) * (width if features is None else features) + extra

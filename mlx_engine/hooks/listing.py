@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .components import INPUT_COMPONENTS, ComponentType, row_shape
+from .components import INPUT_COMPONENTS, NEURON_MEANING, ComponentType, row_shape
 from .names import offered_components
 
 if TYPE_CHECKING:
@@ -55,7 +55,10 @@ def describe_hook_points(kit: "ModelKit") -> dict[str, Any]:
         "n_experts": info.n_experts,
         "experts_per_token": info.experts_per_token,
         "sliding_window": info.sliding_window,
+        "d_mlp": info.d_mlp,
         "components": [c.value for c in offered],
+        # What index i of a neuron site's last axis is (for MoE layers: which expert a row is, too).
+        "neurons": {c.value: NEURON_MEANING[c] for c in offered if c in NEURON_MEANING},
         "embedding": {"hook_id": "embedding", "shape": ["T", info.d_model]},
         "final_norm": {"hook_id": "final_norm", "component": "layernorm", "shape": ["T", info.d_model]},
         "layers": layers,

@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any, Iterable, Optional, Union
 
 from .architecture import ArchitectureInfo
-from .components import MODULE_COMPONENTS, ComponentType
+from .components import EXPERT_COMPONENTS, MODULE_COMPONENTS, NEURON_COMPONENTS, ComponentType, position_shape
 
 
 class HookSpecError(ValueError):
@@ -38,6 +38,8 @@ class ActivationHookSpec:
     capture_output: bool = True
     # Where an intervention edits the same site: capture "before" or "after" (default) the edit.
     edit: Optional[str] = None
+    # Capture only these features of the last axis (e.g. 20 chosen neurons of an MLP).
+    indices: Optional[tuple[int, ...]] = None
 
     @classmethod
     def from_any(cls, spec: "HookRequest") -> "ActivationHookSpec":
@@ -56,13 +58,14 @@ class ActivationHookSpec:
                     capture_input=getattr(spec, "capture_input", False),
                     capture_output=getattr(spec, "capture_output", True),
                     edit=getattr(spec, "edit", None),
+                    indices=_indices(getattr(spec, "indices", None)),
                 )
             raise HookSpecError(f"A hook spec is a dict like {{'layer_name': 5, 'component': 'residual'}}, got {spec!r}.")
-        unknown = set(spec) - {"layer_name", "component", "hook_id", "capture_input", "capture_output", "layer", "edit"}
+        unknown = set(spec) - {"layer_name", "component", "hook_id", "capture_input", "capture_output", "layer", "edit", "indices"}
         if unknown:
             raise HookSpecError(
                 f"Unknown hook spec field(s) {sorted(unknown)}; valid: layer_name, component, hook_id, "
-                "capture_input, capture_output, edit."
+                "capture_input, capture_output, edit, indices."
             )
         if spec.get("edit") not in (None, "before", "after"):
             raise HookSpecError(
@@ -85,7 +88,22 @@ class ActivationHookSpec:
             capture_input=spec.get("capture_input", False),
             capture_output=spec.get("capture_output", True),
             edit=spec.get("edit"),
+            indices=_indices(spec.get("indices")),
         )
+
+
+def _indices(value: Any) -> Optional[tuple[int, ...]]:
+    """A feature subset: distinct non-negative integers, kept in the order given."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise HookSpecError(f"'indices' must be a list of integers, got {value!r}.", param="indices")
+    items = list(value)
+    if not items or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+        raise HookSpecError(f"'indices' must be a non-empty list of integers >= 0, got {value!r}.", param="indices")
+    if len(set(items)) != len(items):
+        raise HookSpecError("'indices' repeats an index; give each feature once.", param="indices")
+    return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,8 @@ class ResolvedHook:
     is_input: bool
     # Where an intervention edits the same site: "before" or "after" (None: after, the default).
     edit: Optional[str] = None
+    # The features of the last axis captured (None: all).
+    indices: Optional[tuple[int, ...]] = None
 
     def listing(self) -> dict[str, Any]:
         """The registered-hook listing entry (GET /v1/activations/hooks)."""
@@ -133,6 +153,11 @@ BLOCK_SITE_OF: dict[tuple[ComponentType, bool], str] = {
     (C.ATTENTION_PATTERN, False): "attention_pattern",
     (C.Z, False): "z",
     (C.ROUTER, False): "router",
+    (C.RESID_MID, False): "resid_mid",
+    (C.MLP_PRE, False): "mlp_pre",
+    (C.MLP_POST, False): "mlp_post",
+    (C.EXPERT_PRE, False): "expert_pre",
+    (C.EXPERT_POST, False): "expert_post",
 }
 
 # TransformerLens names (after `blocks.{i}.`) -> (component, is_input)
@@ -150,6 +175,15 @@ TRANSFORMERLENS_BLOCK_ALIASES: dict[str, tuple[ComponentType, bool]] = {
     "attn.hook_attn_scores": (C.ATTENTION_SCORES, False),
     "attn.hook_pattern": (C.ATTENTION_PATTERN, False),
     "mlp.hook_router": (C.ROUTER, False),
+    "hook_resid_mid": (C.RESID_MID, False),
+    "mlp.hook_pre": (C.MLP_PRE, False),
+    "mlp.hook_post": (C.MLP_POST, False),
+    # TransformerLens 3 spellings
+    "hook_in": (C.RESIDUAL, True),
+    "hook_out": (C.RESIDUAL, False),
+    "attn.q.hook_out": (C.QUERY, False),
+    "attn.k.hook_out": (C.KEY, False),
+    "attn.v.hook_out": (C.VALUE, False),
 }
 EMBEDDING_NAMES = {"embedding", "embed", "hook_embed", "embed_tokens", "model.embed_tokens", "transformer.wte", "wte"}
 FINAL_NORM_NAMES = {"final_norm", "norm", "model.norm", "ln_final", "ln_final.hook_normalized", "transformer.ln_f", "ln_f"}
@@ -188,7 +222,7 @@ def valid_names_hint(info: ArchitectureInfo) -> str:
 
 
 def _parse_layer(
-    name: Union[str, int], info: ArchitectureInfo
+    name: Union[str, int], info: ArchitectureInfo, offered: tuple[ComponentType, ...] = ()
 ) -> tuple[Optional[int], Optional[str], Optional[tuple[ComponentType, bool]], Optional[ComponentType]]:
     """(layer index or None, 'embedding'/'final_norm'/None, component implied by a TL alias,
     component a module path suggests when the spec names none)."""
@@ -202,7 +236,7 @@ def _parse_layer(
     if text in EMBEDDING_NAMES:
         return None, "embedding", (C.EMBEDDING, False) if text == "hook_embed" else None, None
     if text in FINAL_NORM_NAMES:
-        implied = (C.LAYERNORM, False) if text == "ln_final.hook_normalized" else None
+        implied = (C.LAYERNORM, False) if text in ("ln_final.hook_normalized", "final_norm") else None
         return None, "final_norm", implied, None
     rest = text
     for prefix in LAYER_PREFIXES:
@@ -222,6 +256,9 @@ def _parse_layer(
     try:  # a canonical hook id used as a name: "layers.5.residual"
         return layer, None, (ComponentType(suffix), False), None
     except ValueError:
+        if "." not in suffix and not suffix.startswith("hook_"):
+            names = ", ".join(c.value for c in offered)
+            raise HookSpecError(f"Unknown component {suffix!r} in {name!r}; valid components for this model: {names}.") from None
         raise HookSpecError(f"Unknown hook name {name!r}; {valid_names_hint(info)}.") from None
 
 
@@ -231,9 +268,9 @@ def offered_components(info: ArchitectureInfo, native: bool) -> tuple[ComponentT
         return tuple(ComponentType(c) for c in info.offered)
     if not native:
         return MODULE_COMPONENTS
-    comps = [c for c in ComponentType if c is not C.ROUTER]
-    if info.n_experts:
-        comps.append(C.ROUTER)
+    moe_only = (C.ROUTER, *EXPERT_COMPONENTS)
+    comps = [c for c in ComponentType if c not in moe_only and c not in NEURON_COMPONENTS]
+    comps.extend(moe_only if info.n_experts else NEURON_COMPONENTS)
     return tuple(comps)
 
 
@@ -254,7 +291,7 @@ def resolve_hooks(info: ArchitectureInfo, native: bool, specs: Iterable[HookRequ
             spec = ActivationHookSpec.from_any(raw)
             resolved.extend(_resolve_one(spec, info, offered))
         except HookSpecError as exc:
-            field = f".{exc.param}" if exc.param in ("edit",) else ""
+            field = f".{exc.param}" if exc.param in ("edit", "indices") else ""
             raise HookSpecError(f"activation_hooks[{index}]: {exc}", param=f"activation_hooks[{index}]{field}") from None
     for r in resolved:
         if r.hook_id in seen:
@@ -264,7 +301,21 @@ def resolve_hooks(info: ArchitectureInfo, native: bool, specs: Iterable[HookRequ
 
 
 def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tuple[ComponentType, ...]) -> list[ResolvedHook]:
-    layer, special, implied, suggested = _parse_layer(spec.layer_name, info)
+    resolved = _resolve_site(spec, info, offered)
+    if spec.indices is not None:
+        for r in resolved:
+            heads, width = position_shape(info, r.component)
+            if r.component in (C.ATTENTION_SCORES, C.ATTENTION_PATTERN, C.ROUTER):
+                raise HookSpecError(f"'indices' selects features of the last axis; {r.component.value} has none to select.", param="indices")
+            if max(spec.indices) >= width:
+                raise HookSpecError(
+                    f"index {max(spec.indices)} is out of range: {r.hook_id} has {width} features (0..{width - 1}).", param="indices"
+                )
+    return resolved
+
+
+def _resolve_site(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tuple[ComponentType, ...]) -> list[ResolvedHook]:
+    layer, special, implied, suggested = _parse_layer(spec.layer_name, info, offered)
     component = _component(spec.component, offered) or suggested
     capture_input, capture_output = spec.capture_input, spec.capture_output
     if implied is not None:
@@ -296,7 +347,7 @@ def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tupl
     if special == "embedding":
         if capture_input:
             raise HookSpecError("The embedding has no input tensor to capture (its input is token ids).")
-        return [ResolvedHook(spec.hook_id or "embedding", "embedding", None, "embedding", C.EMBEDDING, False, spec.edit)]
+        return [ResolvedHook(spec.hook_id or "embedding", "embedding", None, "embedding", C.EMBEDDING, False, spec.edit, spec.indices)]
     if special == "final_norm":
         if component is not C.LAYERNORM:
             raise HookSpecError(f"The final norm offers only the 'layernorm' component, not {component.value!r}.")
@@ -304,7 +355,7 @@ def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tupl
             raise HookSpecError(
                 f"The final norm's input is layer {info.num_layers - 1}'s residual output; capture that instead."
             )
-        return [ResolvedHook(spec.hook_id or "final_norm", "final_norm", None, "final_norm", C.LAYERNORM, False, spec.edit)]
+        return [ResolvedHook(spec.hook_id or "final_norm", "final_norm", None, "final_norm", C.LAYERNORM, False, spec.edit, spec.indices)]
 
     if not 0 <= layer < info.num_layers:
         raise HookSpecError(
@@ -321,5 +372,5 @@ def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tupl
         hook_id = base_id
         if is_input:
             hook_id = f"{base_id}.input" if (capture_output or spec.hook_id is None) else base_id
-        out.append(ResolvedHook(hook_id, f"layers.{layer}.{site}", layer, f"layers.{layer}", component, is_input, spec.edit))
+        out.append(ResolvedHook(hook_id, f"layers.{layer}.{site}", layer, f"layers.{layer}", component, is_input, spec.edit, spec.indices))
     return out

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import mlx.core as mx
 
 from .capture import Capture
-from .components import ComponentType
+from .components import EXPERT_COMPONENTS, ComponentType
 from .names import ResolvedHook
 from .point import HookPoint
 
@@ -91,6 +91,12 @@ class HookSession:
             extras: dict[str, mx.array] = {}
             if r.component is ComponentType.ROUTER:
                 extras = {"experts": context["experts"][0], "weights": context["weights"][0]}
+            elif r.component in EXPERT_COMPONENTS:
+                extras = {"experts": context["experts"][0]}
+            array = x[0]
+            if r.indices is not None:
+                # A subset of the features: only those columns are kept (and evaluated).
+                array = mx.take(array, mx.array(r.indices), axis=-1)
             self._buffer.append(
                 Capture(
                     hook_id=r.hook_id,
@@ -100,10 +106,11 @@ class HookSession:
                     step=state.step,
                     positions=(state.start, state.end),
                     is_input=r.is_input,
-                    array=x[0],
+                    array=array,
                     key_positions=context.get("key_positions"),
                     extras=extras,
                     edit=edit,
+                    indices=list(r.indices) if r.indices is not None else None,
                 )
             )
 

@@ -59,16 +59,16 @@ class BoundIntervention:
         operand = None
         if self._operand is not None:
             operand = mx.array(self._operand)
-            if s.op != "patch":  # one position: [d] -> [1, 1, d]; [H, D] -> [1, H, 1, D]
-                operand = operand[None, :, None, :] if r.heads_layout else operand[None, None, :]
+            if s.op != "patch":  # one position: [d] -> [1, 1, d]; [H, D] -> [1, H, 1, D]; [k, d] -> [1, 1, k, d]
+                operand = operand[None, :, None, :] if r.layout == "heads" else operand[None, None]
         mask = None
         if s.indices is not None or s.heads is not None:
             cols = list(s.indices) if s.indices is not None else list(range(r.width))
-            if r.heads_layout:
+            if r.layout != "tokens":
                 rows = list(s.heads) if s.heads is not None else list(range(r.n_heads))
                 keep = np.zeros((r.n_heads, r.width), dtype=bool)
                 keep[np.ix_(rows, cols)] = True
-                mask = mx.array(keep)[None, :, None, :]
+                mask = mx.array(keep)[None, :, None, :] if r.layout == "heads" else mx.array(keep)[None, None]
             else:
                 keep = np.zeros(r.width, dtype=bool)
                 keep[cols] = True
@@ -100,7 +100,7 @@ class BoundIntervention:
         if rows is not None and not rows.any():
             return x
         bound = self._bind()
-        op, s, heads_layout = self.spec.op, self.spec, self.resolved.heads_layout
+        op, s, layout = self.spec.op, self.spec, self.resolved.layout
         if op == "add":
             new = x + bound["operand"]
         elif op == "zero":
@@ -115,14 +115,21 @@ class BoundIntervention:
                 new = mx.minimum(new, s.max)
         elif op == "scale":
             new = x * s.scale
+        elif op == "topk":
+            new = _keep_top_k(x, s.k)
         else:  # patch: the source row at each position of the pass
             take = mx.array(np.clip(np.arange(start, end) - self._source_start, 0, self._source_len - 1))
             src = bound["operand"]
-            new = (src[:, take] if heads_layout else src[take])[None]
+            new = (src[:, take] if layout == "heads" else src[take])[None]
         mask = bound["features"]
         if rows is not None:
             row_mask = mx.array(rows)
-            row_mask = row_mask[None, None, :, None] if heads_layout else row_mask[None, :, None]
+            if layout == "heads":
+                row_mask = row_mask[None, None, :, None]
+            elif layout == "experts":
+                row_mask = row_mask[None, :, None, None]
+            else:
+                row_mask = row_mask[None, :, None]
             mask = row_mask if mask is None else mx.logical_and(mask, row_mask)
         if mask is not None:
             new = mx.where(mask, new, x)
@@ -130,6 +137,19 @@ class BoundIntervention:
 
     def __repr__(self) -> str:
         return f"BoundIntervention({self.metadata()!r})"
+
+
+def _keep_top_k(x: mx.array, k: int) -> mx.array:
+    """x with all but its k largest-magnitude features per position (last axis) set to 0.
+
+    Exactly k survive: the k indices of argpartition, so ties at the threshold do not keep more.
+    """
+    if k >= x.shape[-1]:
+        return x
+    magnitude = mx.abs(x.astype(mx.float32))
+    keep = mx.argpartition(-magnitude, kth=k - 1, axis=-1)[..., :k]
+    mask = mx.put_along_axis(mx.zeros(x.shape, dtype=mx.bool_), keep, mx.array(True), axis=-1)
+    return mx.where(mask, x, mx.zeros_like(x))
 
 
 def _check_patch_coverage(r: ResolvedIntervention, length: int, start: int, prompt_len: int, n_positions: int, field: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import numpy as np
 
 from ..hooks.architecture import ArchitectureInfo
-from ..hooks.components import EDITABLE_COMPONENTS, HEAD_COMPONENTS, position_shape
+from ..hooks.components import EDITABLE_COMPONENTS, EXPERT_COMPONENTS, HEAD_COMPONENTS, position_shape
 from ..hooks.names import HookSpecError, ResolvedHook, resolve_hooks
 from .spec import InterventionSpec, intervention_error, parse_intervention
 
@@ -41,8 +41,13 @@ class ResolvedIntervention:
         return self.spec.op
 
     @property
-    def heads_layout(self) -> bool:
-        return self.hook.component in HEAD_COMPONENTS
+    def layout(self) -> str:
+        """How the site's tensor is laid out: "tokens" [B, T, d], "heads" [B, H, T, D], "experts" [B, T, k, d]."""
+        if self.hook.component in HEAD_COMPONENTS:
+            return "heads"
+        if self.hook.component in EXPERT_COMPONENTS:
+            return "experts"
+        return "tokens"
 
     @property
     def needs_source(self) -> bool:
@@ -62,7 +67,7 @@ class ResolvedIntervention:
             "op": s.op,
             "positions": s.positions if isinstance(s.positions, str) else list(s.positions),
         }
-        for key in ("scale", "min", "max"):
+        for key in ("scale", "min", "max", "k"):
             if getattr(s, key) is not None:
                 meta[key] = getattr(s, key)
         for key in ("indices", "heads"):
@@ -130,8 +135,18 @@ def _site(info: ArchitectureInfo, native: bool, spec: InterventionSpec, index: i
     return hook
 
 
-def _check_heads_and_indices(spec: InterventionSpec, site: str, n_heads: int, width: int, index: int) -> None:
+def _check_heads_and_indices(spec: InterventionSpec, site: str, n_heads: int, width: int, index: int, component: Any) -> None:
+    if component in EXPERT_COMPONENTS and spec.op in ("mean", "patch"):
+        raise intervention_error(
+            index, "op",
+            f"op {spec.op!r} cannot act on {site}: its rows are the experts each token was routed to, which differ "
+            "between runs, so a stored row has no matching slot (use zero, clamp, scale, add or topk).",
+        )
+    if spec.k is not None and spec.k > width:
+        raise intervention_error(index, "k", f"k = {spec.k} is more than the {width} features per position of {site}.")
     if spec.heads is not None:
+        if component not in HEAD_COMPONENTS:
+            raise intervention_error(index, "heads", f"'heads' applies to query, key, value and z; {site} has no head axis (use 'indices').")
         if not n_heads:
             raise intervention_error(index, "heads", f"'heads' applies to query, key, value and z; {site} has no head axis (use 'indices').")
         if spec.heads[-1] >= n_heads:
@@ -159,7 +174,7 @@ def resolve_one(info: ArchitectureInfo, native: bool, spec: InterventionSpec, in
     hook = _site(info, native, spec, index)
     n_heads, width = position_shape(info, hook.component)
     site = hook.hook_id
-    _check_heads_and_indices(spec, site, n_heads, width, index)
+    _check_heads_and_indices(spec, site, n_heads, width, index, hook.component)
     operand: Optional[np.ndarray] = None
     if spec.op == "add":
         operand = _add_operand(spec, site, n_heads, width, index)

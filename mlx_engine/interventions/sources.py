@@ -1,7 +1,7 @@
 """Captures given as the source of a `mean` or `patch`, read as numpy rows with their positions.
 
 A source may be a Capture (rows at its own positions), a list of Captures (one
-generation's steps, contiguous), a CacheResult or any object with an `activations`
+generation's steps, contiguous), a ActivationCache or any object with an `activations`
 mapping (the capture named by `capture_hook`, by default the intervention's own hook
 id), a list of those, or an array (rows at positions 0..T-1).
 """

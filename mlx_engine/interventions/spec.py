@@ -15,6 +15,7 @@ edit are named the same way. Operations:
   clamp  min(max(x, min), max)                   `min` and/or `max`
   scale  x * scale                               `scale`
   patch  the source's row at the same position   from `values`, `source` or `capture_id`
+  topk   keep the k largest |x| per position       `k` (dynamic-k gating of neurons)
 
 `indices` choose features along the last axis (neurons of a [T, d_model] tensor, or
 dimensions within a head); `heads` choose heads of query/key/value/z ([H, T, head_dim];
@@ -30,14 +31,14 @@ A position's shape is [d_model] for embedding/residual/attention/mlp/layernorm a
 `add` takes that shape, or [head_dim] on a head component (added to every chosen head).
 
 Sources (`mean`, `patch`): `values` is array data (JSON-friendly); `source` is a Python
-object: a CacheResult (its capture `capture_id`, by default the intervention's own hook
+object: a ActivationCache (its capture `capture_id`, by default the intervention's own hook
 id), a Capture, a list of Captures (one generation's steps, contiguous), or an array;
 `capture_id` alone names an entry of the `sources` mapping given to
 `resolve_interventions` (the server's stored captures). An array's rows are positions
 0..T-1; a Capture's rows are its own `positions`.
   - mean: a value of exactly one position's shape is the mean vector itself; anything with
     a position axis is averaged over all its positions (and over all entries of a list,
-    so a list of CacheResults gives the mean over several prompts' positions).
+    so a list of ActivationCaches gives the mean over several prompts' positions).
   - patch: position p receives the source's row p. An explicit positions list must lie
     inside the source; "all"/"prompt"/"generated" patch the positions the source covers
     and leave the others alone.
@@ -69,6 +70,8 @@ OPS: dict[str, dict[str, Any]] = {
     "clamp": {"required": (), "optional": ("min", "max", "indices", "heads"), "source": False},
     "scale": {"required": ("scale",), "optional": ("indices", "heads"), "source": False},
     "patch": {"required": (), "optional": ("indices", "heads"), "source": True},
+    # Dynamic-k gating: keep the k largest-magnitude features per position, zero the rest.
+    "topk": {"required": ("k",), "optional": ("heads",), "source": False},
 }
 SOURCE_FIELDS = ("values", "source", "capture_id", "capture_hook")
 COMMON_FIELDS = ("layer_name", "layer", "component", "capture_input", "op", "positions")
@@ -99,10 +102,11 @@ class InterventionSpec:
     heads: Optional[tuple[int, ...]] = None
     min: Optional[float] = None
     max: Optional[float] = None
+    k: Optional[int] = None
     values: Optional[np.ndarray] = None
     source: Any = None
     capture_id: Optional[str] = None
-    # The hook id inside a stored capture or CacheResult to read (default: the intervention's own).
+    # The hook id inside a stored capture or ActivationCache to read (default: the intervention's own).
     capture_hook: Optional[str] = None
 
 
@@ -214,6 +218,11 @@ def parse_intervention(spec: Union[InterventionSpec, Mapping[str, Any]], index: 
             raise _fail(index, "min", "op 'clamp' needs 'min', 'max' or both.")
         if "min" in fields and "max" in fields and fields["min"] > fields["max"]:
             raise _fail(index, "min", f"'min' ({fields['min']}) is greater than 'max' ({fields['max']}).")
+    if spec.get("k") is not None:
+        k = spec["k"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise _fail(index, "k", f"'k' must be an integer of at least 1, got {k!r}.")
+        fields["k"] = int(k)
     for key in ("indices", "heads"):
         if spec.get(key) is not None:
             fields[key] = _int_list(spec[key], index, key)
@@ -222,7 +231,7 @@ def parse_intervention(spec: Union[InterventionSpec, Mapping[str, Any]], index: 
     if rules["source"]:
         given = [k for k in SOURCE_FIELDS if k != "capture_hook" and spec.get(k) is not None]
         if not given:
-            raise _fail(index, "values", f"op {op!r} needs a source: 'values' (array), 'source' (a capture or CacheResult) or 'capture_id'.")
+            raise _fail(index, "values", f"op {op!r} needs a source: 'values' (array), 'source' (a capture or ActivationCache) or 'capture_id'.")
         if "values" in given and len(given) > 1:
             raise _fail(index, "values", f"give 'values' or 'source'/'capture_id', not both ({', '.join(given)}).")
         if "values" in given:

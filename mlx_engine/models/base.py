@@ -3,7 +3,9 @@ plumbing (hook points, caches) that would otherwise be repeated per architecture
 
 Hook tensors keep the batch axis (batch is always 1 here); the hook session drops it.
 Shapes handed to hook points:
-  [B, T, d_model]       embedding, resid_pre, layernorm, attention, mlp_in, mlp, residual, final_norm
+  [B, T, d_model]       embedding, resid_pre, layernorm, attention, resid_mid, mlp_in, mlp, residual, final_norm
+  [B, T, d_mlp]         mlp_pre, mlp_post (a dense MLP's hidden units)
+  [B, T, k, d_expert]   expert_pre, expert_post (the k routed experts' hidden units; context: experts [B, T, k])
   [B, H, T, head_dim]   query (H = n_heads), key and value (H = n_kv_heads), z (H = n_heads)
   [B, H, T, S]          attention_scores, attention_pattern (context: key_positions [S])
   [B, T, n_experts]     router logits (context: experts [B, T, k], weights [B, T, k])
@@ -22,8 +24,10 @@ from ..hooks.point import HookPoint
 class BlockHooks:
     """The HookPoints of block `layer` (`layers.{layer}.{site}`), in forward order.
 
-    `resid_pre` is the block input (residual and layernorm inputs), `mlp_in` the output
-    of the post-attention norm. `router` exists on mixture-of-experts blocks only.
+    `resid_pre` is the block input (residual and layernorm inputs), `resid_mid` the residual
+    stream after the attention add, `mlp_in` the output of the post-attention norm. A dense
+    block has `mlp_pre`/`mlp_post` (its neurons); a mixture-of-experts block has `router`
+    and `expert_pre`/`expert_post` instead.
     """
 
     def __init__(self, layer: int, moe: bool = False) -> None:
@@ -38,15 +42,21 @@ class BlockHooks:
         self.attention_pattern = HookPoint(f"{name}.attention_pattern")
         self.z = HookPoint(f"{name}.z")
         self.attention = HookPoint(f"{name}.attention")
+        self.resid_mid = HookPoint(f"{name}.resid_mid")
         self.mlp_in = HookPoint(f"{name}.mlp_in")
-        self.mlp = HookPoint(f"{name}.mlp")
+        self.mlp_pre: Optional[HookPoint] = None if moe else HookPoint(f"{name}.mlp_pre")
+        self.mlp_post: Optional[HookPoint] = None if moe else HookPoint(f"{name}.mlp_post")
         self.router: Optional[HookPoint] = HookPoint(f"{name}.router") if moe else None
+        self.expert_pre: Optional[HookPoint] = HookPoint(f"{name}.expert_pre") if moe else None
+        self.expert_post: Optional[HookPoint] = HookPoint(f"{name}.expert_post") if moe else None
+        self.mlp = HookPoint(f"{name}.mlp")
         self.residual = HookPoint(f"{name}.residual")
 
     def points(self) -> dict[str, HookPoint]:
         points = [
             self.resid_pre, self.layernorm, self.query, self.key, self.value, self.attention_scores,
-            self.attention_pattern, self.z, self.attention, self.mlp_in, self.mlp, self.router, self.residual,
+            self.attention_pattern, self.z, self.attention, self.resid_mid, self.mlp_in, self.mlp_pre,
+            self.mlp_post, self.router, self.expert_pre, self.expert_post, self.mlp, self.residual,
         ]
         return {p.name: p for p in points if p is not None}
 

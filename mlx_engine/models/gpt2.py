@@ -96,8 +96,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(args.n_inner, args.n_embd)
         self.act = ACTIVATIONS[args.activation_function]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(self.act(self.c_fc(x)))
+    def __call__(self, x: mx.array, hooks: BlockHooks) -> mx.array:
+        return self.c_proj(hooks.mlp_post(self.act(hooks.mlp_pre(self.c_fc(x)))))
 
 
 class TransformerBlock(nn.Module):
@@ -113,8 +113,8 @@ class TransformerBlock(nn.Module):
         hooks = self.hooks
         x = hooks.resid_pre(x)
         h = hooks.layernorm(self.ln_1(x))
-        x = x + hooks.attention(self.attn(h, hooks, mask, cache))
-        m = hooks.mlp(self.mlp(hooks.mlp_in(self.ln_2(x))))
+        x = hooks.resid_mid(x + hooks.attention(self.attn(h, hooks, mask, cache)))
+        m = hooks.mlp(self.mlp(hooks.mlp_in(self.ln_2(x)), hooks))
         return hooks.residual(x + m)
 
 
@@ -203,6 +203,7 @@ class Model(nn.Module, InstrumentedModel):
             n_kv_heads=a.n_head,
             head_dim=a.n_embd // a.n_head,
             vocab_size=a.vocab_size,
+            d_mlp=a.n_inner,
             layer_types=("full_attention",) * a.n_layer,
             block_prefix="transformer.h",
         )

@@ -112,6 +112,47 @@ class Attention(nn.Module):
         return self.o_proj(out.swapaxes(1, 2).reshape(B, L, -1))
 
 
+class HookedSwitchGLU(SwitchGLU):
+    """mlx-lm's SwitchGLU with the routed experts' hidden units as hook points.
+
+    `expert_pre` sees each routed expert's gate pre-activation and `expert_post` the
+    hidden units entering its down projection, both [B, T, k, d_expert] in token order.
+    For many tokens SwitchGLU computes in expert-sorted order; an armed site is handed
+    the tensor unsorted (and an edit sorted back), an unarmed one costs nothing.
+    """
+
+    def __call__(self, x: mx.array, indices: mx.array, hooks: Optional[BlockHooks] = None) -> mx.array:
+        pre, post = (hooks.expert_pre, hooks.expert_post) if hooks is not None else (None, None)
+        x = mx.expand_dims(x, (-2, -3))
+        indices = mx.stop_gradient(indices)
+        do_sort = indices.size >= 64
+        idx, order = indices, None
+        if do_sort:
+            order = mx.argsort(indices.flatten())
+            x, idx = x.flatten(0, -3)[order // indices.shape[-1]], indices.flatten()[order]
+        x_up = self.up_proj(x, idx, sorted_indices=do_sort)
+        x_gate = _expert_site(pre, self.gate_proj(x, idx, sorted_indices=do_sort), indices, order)
+        hidden = _expert_site(post, self.activation(x_up, x_gate), indices, order)
+        out = self.down_proj(hidden, idx, sorted_indices=do_sort)
+        if do_sort:
+            out = mx.unflatten(out[mx.argsort(order)], 0, indices.shape)
+        return out.squeeze(-2)
+
+
+def _expert_site(point: Any, h: mx.array, indices: mx.array, order: Optional[mx.array]) -> mx.array:
+    """Hand an armed expert site its tensor as [B, T, k, d] in token order; return the (edited) tensor in h's layout."""
+    if point is None or point.fn is None:
+        return h
+    if order is None:  # [B, T, k, 1, d]
+        return point(h.squeeze(-2), experts=indices)[..., None, :]
+    inverse = mx.argsort(order)
+    tokens = mx.unflatten(h[inverse], 0, indices.shape).squeeze(-2)  # [B, T, k, d]
+    edited = point(tokens, experts=indices)
+    if edited is tokens:
+        return h
+    return edited.reshape(-1, 1, edited.shape[-1])[order]
+
+
 class MLP(nn.Module):
     """Router, top-k experts, and the routing-weighted sum of their outputs."""
 
@@ -119,7 +160,7 @@ class MLP(nn.Module):
         super().__init__()
         self.experts_per_token = args.num_experts_per_tok
         self.router = nn.Linear(args.hidden_size, args.num_local_experts, bias=True)
-        self.experts = SwitchGLU(
+        self.experts = HookedSwitchGLU(
             input_dims=args.hidden_size,
             hidden_dims=args.intermediate_size,
             num_experts=args.num_local_experts,
@@ -138,7 +179,7 @@ class MLP(nn.Module):
         if edited is not logits:
             # An intervention on the router logits changes which experts run.
             indices, weights = self.route(edited)
-        y = self.experts(x, indices)
+        y = self.experts(x, indices, hooks)
         return (y * weights[..., None]).sum(axis=-2)
 
 
@@ -157,6 +198,7 @@ class TransformerBlock(nn.Module):
         x = hooks.resid_pre(x)
         h = hooks.layernorm(self.input_layernorm(x))
         x = x + hooks.attention(self.self_attn(h, hooks, mask, cache))
+        x = hooks.resid_mid(x)
         m = hooks.mlp_in(self.post_attention_layernorm(x))
         m = hooks.mlp(self.mlp(m, hooks))
         return hooks.residual(x + m)
@@ -279,6 +321,7 @@ class Model(nn.Module, InstrumentedModel):
             n_kv_heads=a.num_key_value_heads,
             head_dim=a.head_dim,
             vocab_size=a.vocab_size,
+            d_mlp=a.intermediate_size,
             n_experts=a.num_local_experts,
             experts_per_token=a.num_experts_per_tok,
             sliding_window=a.sliding_window,

@@ -143,8 +143,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=args.mlp_bias)
         self.act = ACTIVATIONS[args.hidden_act]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: mx.array, hooks: BlockHooks) -> mx.array:
+        gate = hooks.mlp_pre(self.gate_proj(x))
+        return self.down_proj(hooks.mlp_post(self.act(gate) * self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -165,8 +166,8 @@ class TransformerBlock(nn.Module):
         hooks = self.hooks
         x = hooks.resid_pre(x)
         h = hooks.layernorm(self.input_layernorm(x))
-        x = x + hooks.attention(self.self_attn(h, hooks, mask, cache))
-        m = hooks.mlp(self.mlp(hooks.mlp_in(self.post_attention_layernorm(x))))
+        x = hooks.resid_mid(x + hooks.attention(self.self_attn(h, hooks, mask, cache)))
+        m = hooks.mlp(self.mlp(hooks.mlp_in(self.post_attention_layernorm(x)), hooks))
         return hooks.residual(x + m)
 
 
@@ -264,6 +265,7 @@ class Model(nn.Module, InstrumentedModel):
             n_kv_heads=a.num_key_value_heads,
             head_dim=a.head_dim,
             vocab_size=a.vocab_size,
+            d_mlp=a.intermediate_size,
             sliding_window=a.sliding_window,
             layer_types=tuple(a.layer_types),
             block_prefix="model.layers",

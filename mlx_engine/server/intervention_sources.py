@@ -64,7 +64,7 @@ def _engine_spec(item: Intervention, index: int) -> dict[str, Any]:
         value = getattr(item, name)
         if value is not None:
             spec[name] = decode_wire_array(value, index, name)
-    for name in ("scale", "indices", "heads", "min", "max", "capture_id", "capture_hook"):
+    for name in ("scale", "indices", "heads", "min", "max", "k", "capture_id", "capture_hook"):
         value = getattr(item, name)
         if value is not None:
             spec[name] = value

@@ -40,6 +40,11 @@ CAPTURE_FIELDS: tuple[WireField, ...] = (
         "Present where an intervention edits the same hook point: the tensor before or after the edit.",
         optional=True, required=False, choices=("before", "after"),
     ),
+    WireField(
+        "indices", "array", True,
+        "Present where the hook asked for a feature subset: the index (along the last axis) of each column.",
+        optional=True, required=False,
+    ),
 )
 # What every wire object adds to the metadata.
 ENCODING_FIELDS: tuple[str, ...] = ("encoding", "data")

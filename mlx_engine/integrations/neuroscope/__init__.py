@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_schema": "format",
     "create_attention_analysis_hooks": "presets",
     "create_hook_specs_for_circuit_analysis": "presets",
+    "create_neuron_hooks": "presets",
     "DIALECTS": "smalltalk",
     "generate_smalltalk_client": "smalltalk",
 }

@@ -78,3 +78,22 @@ def create_attention_analysis_hooks(
 ) -> list[HookSpecDict]:
     """Attention output, scores, pattern, queries, keys and values of each of `layers`."""
     return [_layer_spec(int(layer), c, hook_points) for layer in layers for c in components]
+
+
+def create_neuron_hooks(
+    layers: Iterable[int],
+    hook_points: Optional[Mapping[str, Any]] = None,
+    indices: Optional[Sequence[int]] = None,
+) -> list[HookSpecDict]:
+    """The MLP neurons of each of `layers` (`mlp_post`, or `expert_post` on an MoE model), optionally a subset.
+
+    With the listing, an MoE model (one that offers `expert_post`) gets the routed experts' units.
+    """
+    component = "mlp_post"
+    if hook_points is not None and "expert_post" in hook_points.get("components", ()):
+        component = "expert_post"
+    specs = [_layer_spec(int(layer), component, hook_points) for layer in layers]
+    if indices is not None:
+        for spec in specs:
+            spec["indices"] = list(indices)
+    return specs

@@ -32,6 +32,9 @@ class HookSpec(StrictModel):
     hook_id: Optional[Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]] = None
     capture_input: bool = False
     capture_output: bool = True
+    indices: Optional[Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(min_length=1, max_length=1 << 20)]] = Field(
+        default=None, description="Capture only these features of the last axis (e.g. chosen neurons of mlp_post)."
+    )
 
 
 class CaptureHookSpec(HookSpec):
@@ -150,7 +153,7 @@ class Intervention(StrictModel):
 
     Ops: add (x + scale * vector), zero, mean (a mean vector from `values` or a stored
     capture), clamp (`min`/`max`), scale, patch (a stored capture's or `values`' rows at
-    the same positions). Which fields an op takes, and every shape, are checked against
+    the same positions), topk (keep the `k` largest-magnitude features per position). Which fields an op takes, and every shape, are checked against
     the model before generating; a mistake is a 400 with code `invalid_intervention`.
     """
 
@@ -186,6 +189,7 @@ class Intervention(StrictModel):
     heads: Optional[FeatureList] = Field(default=None, description="Heads of query, key, value or z to edit (default all).")
     min: Optional[Number] = None
     max: Optional[Number] = None
+    k: Optional[Annotated[int, Field(ge=1, le=2**31)]] = Field(default=None, description="topk: features kept per position.")
     values: Optional[ArrayInput] = Field(
         default=None, description="mean: a mean vector, or rows to average; patch: rows for positions 0..T-1."
     )
