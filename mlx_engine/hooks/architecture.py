@@ -26,6 +26,8 @@ class ArchitectureInfo:
     experts_per_token: Optional[int] = None
     # MLP hidden units (neurons) per position: d_mlp of a dense MLP, d_expert of each MoE expert.
     d_mlp: Optional[int] = None
+    # Sandwich norms (Gemma, OLMo 2): each sublayer's output is normalised before the residual add.
+    post_norms: bool = False
     sliding_window: Optional[int] = None
     # Per layer: "full_attention" or "sliding_attention".
     layer_types: tuple[str, ...] = field(default_factory=tuple)

@@ -36,6 +36,8 @@ class ComponentType(str, Enum):
     MLP_POST = "mlp_post"
     EXPERT_PRE = "expert_pre"
     EXPERT_POST = "expert_post"
+    ATTENTION_PRE_NORM = "attention_pre_norm"
+    MLP_PRE_NORM = "mlp_pre_norm"
 
     def __str__(self) -> str:  # f"{component}" gives the wire name
         return self.value
@@ -57,6 +59,9 @@ HEAD_COMPONENTS: tuple[ComponentType, ...] = (C.QUERY, C.KEY, C.VALUE, C.Z)
 NEURON_COMPONENTS: tuple[ComponentType, ...] = (C.MLP_PRE, C.MLP_POST)
 # The routed experts' hidden units: [T, k, d_expert], the k experts each token was routed to.
 EXPERT_COMPONENTS: tuple[ComponentType, ...] = (C.EXPERT_PRE, C.EXPERT_POST)
+# Sandwich-norm models (Gemma, OLMo 2) normalise each sublayer's output before the residual add:
+# `attention`/`mlp` are what is added (after the post-norm); these are the outputs before it.
+POST_NORM_COMPONENTS: tuple[ComponentType, ...] = (C.ATTENTION_PRE_NORM, C.MLP_PRE_NORM)
 # What every native dense model offers beyond the contract's ten.
 NATIVE_EXTRA_COMPONENTS: tuple[ComponentType, ...] = (C.Z, C.RESID_MID)
 # Scores and patterns are [H, T, S] over the keys attended.
@@ -65,7 +70,7 @@ KEYED_COMPONENTS: tuple[ComponentType, ...] = (C.ATTENTION_SCORES, C.ATTENTION_P
 INPUT_COMPONENTS: tuple[ComponentType, ...] = (C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM)
 # Components an intervention may edit.
 EDITABLE_COMPONENTS: tuple[ComponentType, ...] = (
-    MODULE_COMPONENTS + HEAD_COMPONENTS + (C.RESID_MID,) + NEURON_COMPONENTS + EXPERT_COMPONENTS
+    MODULE_COMPONENTS + HEAD_COMPONENTS + (C.RESID_MID,) + NEURON_COMPONENTS + EXPERT_COMPONENTS + POST_NORM_COMPONENTS
 )
 # Components a steering vector (one [d_model] direction) lives in.
 DIRECTION_COMPONENTS: tuple[ComponentType, ...] = (C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM, C.EMBEDDING, C.RESID_MID)

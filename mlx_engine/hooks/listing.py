@@ -59,8 +59,24 @@ def describe_hook_points(kit: "ModelKit") -> dict[str, Any]:
         "components": [c.value for c in offered],
         # What index i of a neuron site's last axis is (for MoE layers: which expert a row is, too).
         "neurons": {c.value: NEURON_MEANING[c] for c in offered if c in NEURON_MEANING},
+        "post_norms": info.post_norms,
+        "notes": _notes(info),
         "embedding": {"hook_id": "embedding", "shape": ["T", info.d_model]},
         "final_norm": {"hook_id": "final_norm", "component": "layernorm", "shape": ["T", info.d_model]},
         "layers": layers,
         "shape_symbols": {"T": "new positions in the pass", "S": "key positions attended (see key_positions)"},
     }
+
+
+def _notes(info: Any) -> list[str]:
+    """What a reader of this model's captures must know that the shapes do not say."""
+    notes = []
+    if info.post_norms:
+        notes.append(
+            "sandwich norms: 'attention' and 'mlp' are what is added to the residual stream (after each "
+            "sublayer's post-norm), so attention + mlp = residual - resid_pre; 'attention_pre_norm' and "
+            "'mlp_pre_norm' are the sublayer outputs before their post-norms"
+        )
+    if info.n_experts:
+        notes.append("mixture of experts: expert_pre/expert_post rows are the experts each token was routed to")
+    return notes

@@ -16,7 +16,14 @@ from enum import Enum
 from typing import Any, Iterable, Optional, Union
 
 from .architecture import ArchitectureInfo
-from .components import EXPERT_COMPONENTS, MODULE_COMPONENTS, NEURON_COMPONENTS, ComponentType, position_shape
+from .components import (
+    EXPERT_COMPONENTS,
+    MODULE_COMPONENTS,
+    NEURON_COMPONENTS,
+    POST_NORM_COMPONENTS,
+    ComponentType,
+    position_shape,
+)
 
 
 class HookSpecError(ValueError):
@@ -158,6 +165,8 @@ BLOCK_SITE_OF: dict[tuple[ComponentType, bool], str] = {
     (C.MLP_POST, False): "mlp_post",
     (C.EXPERT_PRE, False): "expert_pre",
     (C.EXPERT_POST, False): "expert_post",
+    (C.ATTENTION_PRE_NORM, False): "attention_pre_norm",
+    (C.MLP_PRE_NORM, False): "mlp_pre_norm",
 }
 
 # TransformerLens names (after `blocks.{i}.`) -> (component, is_input)
@@ -269,8 +278,11 @@ def offered_components(info: ArchitectureInfo, native: bool) -> tuple[ComponentT
     if not native:
         return MODULE_COMPONENTS
     moe_only = (C.ROUTER, *EXPERT_COMPONENTS)
-    comps = [c for c in ComponentType if c not in moe_only and c not in NEURON_COMPONENTS]
+    conditional = (*moe_only, *NEURON_COMPONENTS, *POST_NORM_COMPONENTS)
+    comps = [c for c in ComponentType if c not in conditional]
     comps.extend(moe_only if info.n_experts else NEURON_COMPONENTS)
+    if info.post_norms:
+        comps.extend(POST_NORM_COMPONENTS)
     return tuple(comps)
 
 

@@ -51,13 +51,15 @@ def attend(
     mask: Union[None, str, mx.array],
     window: Optional[int] = None,
     sinks: Optional[mx.array] = None,
+    softcap: Optional[float] = None,
 ) -> mx.array:
     """Attention over new queries/keys/values [B, H, T, D] (RoPE already applied).
 
     Calls the query/key/value/score/pattern/z hook points, updates the cache, and
     computes attention fused (`mx.fast.scaled_dot_product_attention`) unless scores or
     the pattern are armed, when it computes them explicitly so they can be captured.
-    Returns [B, n_heads, T, D] before the output projection.
+    Logit soft-capping (Gemma 2: `softcap * tanh(scores / softcap)`) has no fused kernel,
+    so it always takes the explicit path. Returns [B, n_heads, T, D] before the output projection.
     """
     queries = hooks.query(queries)
     keys = hooks.key(keys)
@@ -67,8 +69,8 @@ def attend(
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
 
-    if hooks.wants_explicit_attention:
-        out = _explicit_attention(queries, keys, values, hooks, cache, offset, n_new, scale, window, sinks)
+    if hooks.wants_explicit_attention or softcap is not None:
+        out = _explicit_attention(queries, keys, values, hooks, cache, offset, n_new, scale, window, sinks, softcap)
     else:
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     return hooks.z(out)
@@ -85,6 +87,7 @@ def _explicit_attention(
     scale: float,
     window: Optional[int],
     sinks: Optional[mx.array],
+    softcap: Optional[float] = None,
 ) -> mx.array:
     """Scores, mask, softmax (with sinks) and weighted sum, written out so each can be captured."""
     B, n_heads, T, D = queries.shape
@@ -102,6 +105,8 @@ def _explicit_attention(
     k = keys.astype(mx.float32)[:, :, None]
     scores = (q * scale) @ k.swapaxes(-1, -2)  # [B, n_kv, groups, T, S]
     scores = scores.reshape(B, n_heads, T, S)
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
 
     query_pos = mx.arange(offset, offset + T)[:, None]
     allowed = positions[None, :] <= query_pos

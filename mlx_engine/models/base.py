@@ -30,7 +30,7 @@ class BlockHooks:
     and `expert_pre`/`expert_post` instead.
     """
 
-    def __init__(self, layer: int, moe: bool = False) -> None:
+    def __init__(self, layer: int, moe: bool = False, post_norms: bool = False) -> None:
         self.layer = layer
         name = f"layers.{layer}"
         self.resid_pre = HookPoint(f"{name}.resid_pre")
@@ -41,6 +41,9 @@ class BlockHooks:
         self.attention_scores = HookPoint(f"{name}.attention_scores")
         self.attention_pattern = HookPoint(f"{name}.attention_pattern")
         self.z = HookPoint(f"{name}.z")
+        # Sandwich-norm blocks: the sublayer outputs before their post-norms (`attention`/`mlp` are after).
+        self.attention_pre_norm: Optional[HookPoint] = HookPoint(f"{name}.attention_pre_norm") if post_norms else None
+        self.mlp_pre_norm: Optional[HookPoint] = HookPoint(f"{name}.mlp_pre_norm") if post_norms else None
         self.attention = HookPoint(f"{name}.attention")
         self.resid_mid = HookPoint(f"{name}.resid_mid")
         self.mlp_in = HookPoint(f"{name}.mlp_in")
@@ -55,8 +58,9 @@ class BlockHooks:
     def points(self) -> dict[str, HookPoint]:
         points = [
             self.resid_pre, self.layernorm, self.query, self.key, self.value, self.attention_scores,
-            self.attention_pattern, self.z, self.attention, self.resid_mid, self.mlp_in, self.mlp_pre,
-            self.mlp_post, self.router, self.expert_pre, self.expert_post, self.mlp, self.residual,
+            self.attention_pattern, self.z, self.attention_pre_norm, self.attention, self.resid_mid, self.mlp_in,
+            self.mlp_pre, self.mlp_post, self.router, self.expert_pre, self.expert_post, self.mlp_pre_norm, self.mlp,
+            self.residual,
         ]
         return {p.name: p for p in points if p is not None}
 
