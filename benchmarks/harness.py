@@ -90,6 +90,9 @@ def start_worker(label: str, contender: str, model: Path, log_dir: Path, openbla
     env.setdefault("HF_HUB_OFFLINE", "1")
     if openblas:
         env["LD_PRELOAD"] = openblas
+    else:
+        # mlx_engine loads the system OpenBLAS by itself; the reference-BLAS rounds must not.
+        env["MLX_ENGINE_NO_OPENBLAS"] = "1"
     log = open(log_dir / f"{label}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.worker", "--contender", contender, "--model", str(model)],

@@ -10,7 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .blas import ensure_fast_blas
+
 __version__ = "0.1.0"
+# Before anything imports MLX: on Linux, MLX's CPU backend then binds to the system OpenBLAS.
+ensure_fast_blas()
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
