@@ -338,8 +338,11 @@ def test_chunked_prefill_edits_the_right_rows(llama_kit) -> None:
     whole = mlx_engine.run_with_cache(kit, ids, hooks, interventions=interventions)
     (_, step0), *_ = mlx_engine.create_generator_with_activations(kit, ids, hooks, max_tokens=2, prefill_step_size=5, interventions=interventions)
     chunked = np.concatenate([np.array(c.array) for c in step0["layers.2.residual"]])
-    np.testing.assert_allclose(chunked, np.array(whole["layers.2.residual"]), atol=1e-5)
-    plain = np.array(mlx_engine.run_with_cache(kit, ids, hooks)["layers.2.residual"])
+    same_chunks = mlx_engine.run_with_cache(kit, ids, hooks, interventions=interventions, prefill_step_size=5)
+    np.testing.assert_allclose(chunked, np.array(same_chunks["layers.2.residual"]), atol=1e-5)
+    # Against one forward the only difference is the BLAS's summation order over other chunk sizes.
+    np.testing.assert_allclose(chunked, np.array(whole["layers.2.residual"]), atol=1e-4)
+    plain = np.array(mlx_engine.run_with_cache(kit, ids, hooks, prefill_step_size=5)["layers.2.residual"])
     changed = np.abs(chunked - plain).max(axis=-1) > 1e-6
     assert not changed[:3].any() and changed[3]
 

@@ -22,7 +22,8 @@ from ..interventions.ops import BoundIntervention, bind_interventions
 from ..interventions.resolve import InterventionRequest, resolve_interventions
 from ..loading import ModelKit, tokenize
 from .cache import ActivationCache
-from .loop import Sampling, token_steps
+from .chunks import join_chunks
+from .loop import DEFAULT_PREFILL_STEP, Sampling, token_steps
 from .text import TextStream
 from .types import GenerationResult
 
@@ -131,37 +132,47 @@ def run_with_cache(
     *,
     interventions: Optional[Iterable[InterventionRequest]] = None,
     sources: Optional[Mapping[str, Any]] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
 ) -> ActivationCache:
     """Run the prompt once (no generation) and return every requested hook's tensor.
 
-    The cache is indexed by the names the hooks were asked by and by their canonical ids.
-
-    With `interventions` the forward runs edited (logits included); captures compose
-    with edits as in create_generator_with_activations.
+    The prompt goes through in chunks of `prefill_step_size` positions with a KV cache, as
+    generation prefills it, so memory is bounded by the chunk rather than by T x T; each
+    hook's chunks are joined into one capture over the whole prompt (scores and patterns
+    over the union of their key positions, masked columns at -inf and 0). The cache is
+    indexed by the names the hooks were asked by and by their canonical ids. With
+    `interventions` the forward runs edited (logits included); captures compose with
+    edits as in create_generator_with_activations.
     """
     tokens = tokenize(kit, text_or_tokens) if isinstance(text_or_tokens, str) else [int(t) for t in text_or_tokens]
     if not tokens:
         raise ValueError("The prompt is empty: give at least one token.")
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}.")
     hooks = list(hooks)
     resolved = resolve_hooks(kit.arch_info, kit.native, hooks)
     aliases = {name: hook_id for name, hook_id in _names(kit, hooks)}
     edits = _bound(kit, interventions, len(tokens), 0, sources)
     session = HookSession(kit.hook_points, resolved, edits)
+    prompt = mx.array(tokens, dtype=mx.uint32)
+    chunks: list[Any] = []
+    logits = []
     session.arm()
     try:
         cache = make_prompt_cache(kit.model)
-        session.begin_pass(0, 0, len(tokens))
-        logits = kit.model(mx.array(tokens, dtype=mx.uint32)[None], cache=cache)[0]
-        captures = session.end_pass()
+        for start in range(0, len(tokens), prefill_step_size):
+            end = min(start + prefill_step_size, len(tokens))
+            session.begin_pass(0, start, end)
+            logits.append(kit.model(prompt[start:end][None], cache=cache)[0])
+            captures = session.end_pass()
+            mx.eval(logits[-1], [a for c in captures for a in c.lazy_arrays()], [c.state for c in cache])
+            for c in captures:
+                c.settle()
+            chunks.extend(captures)
     finally:
         session.disarm()
-    arrays = [logits]
-    for c in captures:
-        arrays.extend(c.lazy_arrays())
-    mx.eval(*arrays)
-    for c in captures:
-        c.settle()
-    return ActivationCache(tokens, logits, {c.hook_id: c for c in captures}, aliases)
+    joined = join_chunks(chunks, len(tokens))
+    return ActivationCache(tokens, mx.concatenate(logits, axis=0), joined, aliases)
 
 
 def _names(kit: ModelKit, hooks: list[Any]) -> Iterator[tuple[str, str]]:

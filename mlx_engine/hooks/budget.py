@@ -32,24 +32,52 @@ class CaptureBudgetError(ValueError):
         self.budget_bytes = budget_bytes
 
 
+# Arrays of [H, C, S] float32 the explicit attention path holds at once (scores, exponentials, probabilities).
+EXPLICIT_ATTENTION_ARRAYS = 3
+PREFILL_CHUNK = 512
+
+
+def _kept_rows(r: ResolvedHook, prompt_len: int, max_tokens: int, chunk: int) -> list[int]:
+    """The absolute positions whose rows the hook keeps over a whole run."""
+    n_positions = prompt_len + max(max_tokens - 1, 0)
+    if r.positions is None:
+        return list(range(n_positions))
+    if r.positions == "last":
+        ends = [min(start + chunk, prompt_len) - 1 for start in range(0, prompt_len, chunk)]
+        return ends + list(range(prompt_len, n_positions))
+    return [p for p in r.positions if p < n_positions]
+
+
 def capture_bytes(
-    info: ArchitectureInfo, resolved: Sequence[ResolvedHook], prompt_len: int, max_tokens: int, itemsize: int
+    info: ArchitectureInfo,
+    resolved: Sequence[ResolvedHook],
+    prompt_len: int,
+    max_tokens: int,
+    itemsize: int,
+    chunk: int = PREFILL_CHUNK,
 ) -> int:
-    """Bytes the resolved hooks capture over a prompt pass and max_tokens - 1 decode passes."""
-    rows = prompt_len + max(max_tokens - 1, 0)
+    """Bytes the resolved hooks hold over a prompt pass and max_tokens - 1 decode passes.
+
+    Kept bytes, plus the transient memory of the explicit attention path where scores or
+    patterns are armed: it materialises [n_heads, chunk, keys] float32 arrays whatever
+    subset of rows is kept, and it is the largest single allocation of such a request.
+    """
     total = 0
+    transient = 0
     for r in resolved:
+        rows = _kept_rows(r, prompt_len, max_tokens, chunk)
+        size = itemsize if r.dtype is None else {"float32": 4, "float16": 2, "bfloat16": 2}[r.dtype]
         if r.component in KEYED_COMPONENTS:
             window = info.window_of(r.layer)
-            keys = prompt_len * prompt_len
-            for k in range(1, max_tokens):
-                s = prompt_len + k
-                keys += min(s, window) if window else s
-            total += info.n_heads * keys * KEYED_ITEMSIZE
+            # A prompt row sees up to the whole prompt (its chunk's keys); a decode row its position + 1.
+            keys = [min(prompt_len if p < prompt_len else p + 1, window or p + prompt_len + 1) for p in rows]
+            total += info.n_heads * sum(keys) * max(size, KEYED_ITEMSIZE if r.dtype is None else size)
+            widest = min(prompt_len, window or prompt_len)
+            transient = max(transient, EXPLICIT_ATTENTION_ARRAYS * info.n_heads * min(chunk, prompt_len) * widest * KEYED_ITEMSIZE)
         else:
             features = len(r.indices) if r.indices is not None else None
-            total += rows * elements_per_position(info, r.component, features) * itemsize
-    return total
+            total += len(rows) * elements_per_position(info, r.component, features) * size
+    return total + transient
 
 
 def check_budget(

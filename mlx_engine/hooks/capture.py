@@ -53,6 +53,8 @@ class Capture:
     edit: Optional[str] = None
     # For a capture of a feature subset: the indices (along the last axis) of its columns.
     indices: Optional[list[int]] = None
+    # For a capture of a position subset: the absolute position of each of its rows.
+    row_positions: Optional[list[int]] = None
 
     @property
     def shape(self) -> list[int]:

@@ -47,6 +47,10 @@ class ActivationHookSpec:
     edit: Optional[str] = None
     # Capture only these features of the last axis (e.g. 20 chosen neurons of an MLP).
     indices: Optional[tuple[int, ...]] = None
+    # Capture only these absolute token positions ("last": the last position of each pass).
+    positions: Optional[Union[str, tuple[int, ...]]] = None
+    # Capture in this dtype (float16, bfloat16, float32) instead of the model's.
+    dtype: Optional[str] = None
 
     @classmethod
     def from_any(cls, spec: "HookRequest") -> "ActivationHookSpec":
@@ -66,13 +70,17 @@ class ActivationHookSpec:
                     capture_output=getattr(spec, "capture_output", True),
                     edit=getattr(spec, "edit", None),
                     indices=_indices(getattr(spec, "indices", None)),
+                    positions=_positions(getattr(spec, "positions", None)),
+                    dtype=_dtype(getattr(spec, "dtype", None)),
                 )
             raise HookSpecError(f"A hook spec is a dict like {{'layer_name': 5, 'component': 'residual'}}, got {spec!r}.")
-        unknown = set(spec) - {"layer_name", "component", "hook_id", "capture_input", "capture_output", "layer", "edit", "indices"}
+        unknown = set(spec) - {
+            "layer_name", "component", "hook_id", "capture_input", "capture_output", "layer", "edit", "indices", "positions", "dtype"
+        }
         if unknown:
             raise HookSpecError(
                 f"Unknown hook spec field(s) {sorted(unknown)}; valid: layer_name, component, hook_id, "
-                "capture_input, capture_output, edit, indices."
+                "capture_input, capture_output, edit, indices, positions, dtype."
             )
         if spec.get("edit") not in (None, "before", "after"):
             raise HookSpecError(
@@ -96,7 +104,34 @@ class ActivationHookSpec:
             capture_output=spec.get("capture_output", True),
             edit=spec.get("edit"),
             indices=_indices(spec.get("indices")),
+            positions=_positions(spec.get("positions")),
+            dtype=_dtype(spec.get("dtype")),
         )
+
+
+CAPTURE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _positions(value: Any) -> Optional[Union[str, tuple[int, ...]]]:
+    """A position subset: "last", or distinct absolute token positions (sorted)."""
+    if value is None or value == "last":
+        return value
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise HookSpecError(f"'positions' must be 'last' or a list of token positions, got {value!r}.", param="positions")
+    items = list(value)
+    if not items or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+        raise HookSpecError(f"'positions' must be 'last' or a non-empty list of positions >= 0, got {value!r}.", param="positions")
+    if len(set(items)) != len(items):
+        raise HookSpecError("'positions' repeats a position; give each once.", param="positions")
+    return tuple(sorted(items))
+
+
+def _dtype(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if value not in CAPTURE_DTYPES:
+        raise HookSpecError(f"'dtype' must be one of {', '.join(CAPTURE_DTYPES)}, got {value!r}.", param="dtype")
+    return value
 
 
 def _indices(value: Any) -> Optional[tuple[int, ...]]:
@@ -127,6 +162,10 @@ class ResolvedHook:
     edit: Optional[str] = None
     # The features of the last axis captured (None: all).
     indices: Optional[tuple[int, ...]] = None
+    # The token positions captured: "last" of each pass, absolute positions, or None for all.
+    positions: Optional[Union[str, tuple[int, ...]]] = None
+    # The dtype captures are cast to (None: the model's).
+    dtype: Optional[str] = None
 
     def listing(self) -> dict[str, Any]:
         """The registered-hook listing entry (GET /v1/activations/hooks)."""
@@ -303,7 +342,7 @@ def resolve_hooks(info: ArchitectureInfo, native: bool, specs: Iterable[HookRequ
             spec = ActivationHookSpec.from_any(raw)
             resolved.extend(_resolve_one(spec, info, offered))
         except HookSpecError as exc:
-            field = f".{exc.param}" if exc.param in ("edit", "indices") else ""
+            field = f".{exc.param}" if exc.param in ("edit", "indices", "positions", "dtype") else ""
             raise HookSpecError(f"activation_hooks[{index}]: {exc}", param=f"activation_hooks[{index}]{field}") from None
     for r in resolved:
         if r.hook_id in seen:
@@ -359,7 +398,7 @@ def _resolve_site(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tup
     if special == "embedding":
         if capture_input:
             raise HookSpecError("The embedding has no input tensor to capture (its input is token ids).")
-        return [ResolvedHook(spec.hook_id or "embedding", "embedding", None, "embedding", C.EMBEDDING, False, spec.edit, spec.indices)]
+        return [ResolvedHook(spec.hook_id or "embedding", "embedding", None, "embedding", C.EMBEDDING, False, spec.edit, spec.indices, spec.positions, spec.dtype)]
     if special == "final_norm":
         if component is not C.LAYERNORM:
             raise HookSpecError(f"The final norm offers only the 'layernorm' component, not {component.value!r}.")
@@ -367,7 +406,7 @@ def _resolve_site(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tup
             raise HookSpecError(
                 f"The final norm's input is layer {info.num_layers - 1}'s residual output; capture that instead."
             )
-        return [ResolvedHook(spec.hook_id or "final_norm", "final_norm", None, "final_norm", C.LAYERNORM, False, spec.edit, spec.indices)]
+        return [ResolvedHook(spec.hook_id or "final_norm", "final_norm", None, "final_norm", C.LAYERNORM, False, spec.edit, spec.indices, spec.positions, spec.dtype)]
 
     if not 0 <= layer < info.num_layers:
         raise HookSpecError(
@@ -384,5 +423,5 @@ def _resolve_site(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tup
         hook_id = base_id
         if is_input:
             hook_id = f"{base_id}.input" if (capture_output or spec.hook_id is None) else base_id
-        out.append(ResolvedHook(hook_id, f"layers.{layer}.{site}", layer, f"layers.{layer}", component, is_input, spec.edit, spec.indices))
+        out.append(ResolvedHook(hook_id, f"layers.{layer}.{site}", layer, f"layers.{layer}", component, is_input, spec.edit, spec.indices, spec.positions, spec.dtype))
     return out

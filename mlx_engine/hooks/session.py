@@ -15,12 +15,25 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import mlx.core as mx
 
 from .capture import Capture
-from .components import EXPERT_COMPONENTS, ComponentType
+from .components import EXPERT_COMPONENTS, HEAD_COMPONENTS, KEYED_COMPONENTS, ComponentType
 from .names import ResolvedHook
 from .point import HookPoint
 
 if TYPE_CHECKING:
     from ..interventions.ops import BoundIntervention
+
+
+# Components whose rows (positions) are axis 1 of the capture ([H, T, ...]); the rest have them on axis 0.
+ROWS_ON_AXIS_1 = HEAD_COMPONENTS + KEYED_COMPONENTS
+
+
+def _rows_wanted(r: ResolvedHook, state: "_PassState") -> Optional[list[int]]:
+    """The absolute positions of this pass the hook keeps: None for all of them."""
+    if r.positions is None:
+        return None
+    if r.positions == "last":
+        return [state.end - 1]
+    return [p for p in r.positions if state.start <= p < state.end]
 
 
 class HookBusyError(RuntimeError):
@@ -88,15 +101,28 @@ class HookSession:
         self, hooks: Iterable[ResolvedHook], x: mx.array, context: dict[str, Any], state: _PassState, edit: Optional[str]
     ) -> None:
         for r in hooks:
+            rows = _rows_wanted(r, state)
+            if rows is not None and not rows:
+                continue  # none of the requested positions is in this pass
             extras: dict[str, mx.array] = {}
             if r.component is ComponentType.ROUTER:
                 extras = {"experts": context["experts"][0], "weights": context["weights"][0]}
             elif r.component in EXPERT_COMPONENTS:
                 extras = {"experts": context["experts"][0]}
             array = x[0]
+            positions = (state.start, state.end)
+            if rows is not None:
+                # A subset of the positions: only those rows are kept (and evaluated).
+                axis = 1 if r.component in ROWS_ON_AXIS_1 else 0
+                take = mx.array([p - state.start for p in rows])
+                array = mx.take(array, take, axis=axis)
+                extras = {k: mx.take(v, take, axis=0) for k, v in extras.items()}
+                positions = (rows[0], rows[-1] + 1)
             if r.indices is not None:
                 # A subset of the features: only those columns are kept (and evaluated).
                 array = mx.take(array, mx.array(r.indices), axis=-1)
+            if r.dtype is not None:
+                array = array.astype(getattr(mx, r.dtype))
             self._buffer.append(
                 Capture(
                     hook_id=r.hook_id,
@@ -104,13 +130,14 @@ class HookSession:
                     layer=r.layer,
                     component=r.component.value,
                     step=state.step,
-                    positions=(state.start, state.end),
+                    positions=positions,
                     is_input=r.is_input,
                     array=array,
                     key_positions=context.get("key_positions"),
                     extras=extras,
                     edit=edit,
                     indices=list(r.indices) if r.indices is not None else None,
+                    row_positions=rows,
                 )
             )
 

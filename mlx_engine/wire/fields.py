@@ -45,6 +45,11 @@ CAPTURE_FIELDS: tuple[WireField, ...] = (
         "Present where the hook asked for a feature subset: the index (along the last axis) of each column.",
         optional=True, required=False,
     ),
+    WireField(
+        "row_positions", "array", True,
+        "Present where the hook asked for a position subset: the absolute position of each row.",
+        optional=True, required=False,
+    ),
 )
 # What every wire object adds to the metadata.
 ENCODING_FIELDS: tuple[str, ...] = ("encoding", "data")

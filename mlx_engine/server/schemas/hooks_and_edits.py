@@ -35,6 +35,10 @@ class HookSpec(StrictModel):
     indices: Optional[Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(min_length=1, max_length=1 << 20)]] = Field(
         default=None, description="Capture only these features of the last axis (e.g. chosen neurons of mlp_post)."
     )
+    positions: Optional[
+        Union[Literal["last"], Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(min_length=1, max_length=1 << 20)]]
+    ] = Field(default=None, description="Capture only these token positions ('last': each pass's last position).")
+    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(default=None, description="Capture in this dtype.")
 
 
 class CaptureHookSpec(HookSpec):
