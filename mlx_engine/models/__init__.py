@@ -18,6 +18,8 @@ NATIVE_ARCHITECTURES: dict[str, str] = {
     "mistral": "llama",
     "qwen2": "llama",
     "gpt2": "gpt2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
 }
 
 
