@@ -20,6 +20,7 @@ NATIVE_ARCHITECTURES: dict[str, str] = {
     "gpt2": "gpt2",
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3_moe",
+    "gemma3_text": "gemma3",
 }
 
 
