@@ -39,7 +39,11 @@ def quantize_checkpoint(
     kit = load_model(src)
     if "quantization" in kit.config:
         raise ModelLoadError(f"{src} is already quantized ({kit.config['quantization']}).")
-    config = {k: v for k, v in kit.config.items() if k not in ("rope_parameters", "quantization_config")}
+    # A flat `rope_parameters` was lifted into rope_theta/rope_scaling at load; one keyed by
+    # layer type (Gemma 3) has no flat spelling and must travel as it is.
+    per_layer_type = isinstance(kit.config.get("rope_parameters"), dict) and "rope_theta" not in kit.config["rope_parameters"]
+    dropped = ("quantization_config",) if per_layer_type else ("rope_parameters", "quantization_config")
+    config = {k: v for k, v in kit.config.items() if k not in dropped}
     model, config = quantize_model(kit.model, config, group_size=group_size, bits=bits)
     dst.mkdir(parents=True, exist_ok=True)
     save_model(dst, model)
