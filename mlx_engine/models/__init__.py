@@ -21,6 +21,7 @@ NATIVE_ARCHITECTURES: dict[str, str] = {
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3_moe",
     "gemma3_text": "gemma3",
+    "gemma2": "gemma2",
 }
 
 
