@@ -206,26 +206,27 @@ def test_closed_generator_disarms(llama_kit) -> None:
 
 
 @pytest.fixture(scope="module")
-def phi3(tmp_path_factory: pytest.TempPathFactory):
-    from transformers import Phi3Config, Phi3ForCausalLM
+def fallback(tmp_path_factory: pytest.TempPathFactory):
+    """Starcoder2: an architecture with no native file, which mlx-lm loads."""
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
 
-    out = tmp_path_factory.mktemp("phi3")
+    out = tmp_path_factory.mktemp("starcoder2")
     tok = tc.build_tokenizer(out)
-    config = Phi3Config(
+    config = Starcoder2Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, hidden_act="gelu",
     )
-    model = Phi3ForCausalLM(config)
+    model = Starcoder2ForCausalLM(config)
     tc.spread_weights(model)
     model.eval()
     model.save_pretrained(out)
     return mlx_engine.load_model(out), model
 
 
-def test_fallback_architecture_module_components(phi3) -> None:
+def test_fallback_architecture_module_components(fallback) -> None:
     """A model we have no native file for still yields embedding, residual, attention, mlp, layernorm."""
-    kit, reference = phi3
+    kit, reference = fallback
     assert not kit.native
     points = ActivationHookManager(kit).hook_points()
     assert points["components"] == ["embedding", "residual", "attention", "mlp", "layernorm"]

@@ -310,6 +310,13 @@ def _parse_layer(
         raise HookSpecError(f"Unknown hook name {name!r}; {valid_names_hint(info)}.") from None
 
 
+def supports_input(component: ComponentType, offered: tuple[ComponentType, ...]) -> bool:
+    """Whether the input of `component` has a site: the attention input is the pre-attention norm's output,
+    which a fallback (mlx-lm) block without such a norm (OLMo-style sandwich norms) does not have."""
+    owner = C.LAYERNORM if component is C.ATTENTION else component
+    return (component, True) in BLOCK_SITE_OF and owner in offered
+
+
 def offered_components(info: ArchitectureInfo, native: bool) -> tuple[ComponentType, ...]:
     """Components this model's code can capture."""
     if info.offered is not None:
@@ -386,7 +393,7 @@ def _resolve_site(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tup
         raise HookSpecError(
             f"No component given for {spec.layer_name!r}; valid: {', '.join(c.value for c in offered)}."
         )
-    if component not in offered:
+    if component not in offered and special != "final_norm":  # every model has a final norm
         raise HookSpecError(
             f"Component {component.value!r} is not offered by this model; valid: {', '.join(c.value for c in offered)}."
         )
@@ -420,6 +427,12 @@ def _resolve_site(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tup
         site = BLOCK_SITE_OF.get((component, is_input))
         if site is None:
             raise HookSpecError(f"Component {component.value!r} has no input to capture; set capture_input to false.")
+        if is_input and not supports_input(component, offered):
+            raise HookSpecError(
+                f"Component {component.value!r} has no input hook point on this model: it has no pre-attention norm "
+                "whose output is the attention input. Capture 'residual' with capture_input for the block input, "
+                "or set capture_input to false."
+            )
         hook_id = base_id
         if is_input:
             hook_id = f"{base_id}.input" if (capture_output or spec.hook_id is None) else base_id

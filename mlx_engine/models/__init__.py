@@ -22,6 +22,8 @@ NATIVE_ARCHITECTURES: dict[str, str] = {
     "qwen3_moe": "qwen3_moe",
     "gemma3_text": "gemma3",
     "gemma2": "gemma2",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
 }
 
 

@@ -24,6 +24,9 @@ def normalize_rope_config(config: dict[str, Any]) -> dict[str, Any]:
         return dict(config)
     config = dict(config)
     config["rope_theta"] = params["rope_theta"]
+    if "partial_rotary_factor" in params and config.get("partial_rotary_factor") is None:
+        # transformers 5 may keep it only here (Phi-3); every reader, mlx-lm's too, looks at the top level.
+        config["partial_rotary_factor"] = params["partial_rotary_factor"]
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         config["rope_scaling"] = None
