@@ -3,7 +3,10 @@
 The model class is ours when we have a native instrumented file for the config's
 `model_type`, and mlx-lm's otherwise. Every config is normalised first
 (`rope_parameters` -> `rope_theta`/`rope_scaling`), so no class ever falls back
-silently to default RoPE settings. mlx-lm's `load_model` does the weight plumbing
+silently to default RoPE settings. A config for an mlx-lm class is normalised further
+(transformers' defaults, the keys that class reads) and checked against what the class
+implements (models/fallback_checks.py): a feature it would silently not compute is a
+ModelLoadError, never other numbers. mlx-lm's `load_model` does the weight plumbing
 (sanitize, quantized layers for MLX conversions and MXFP4, strict loading) with our
 class lookup plugged in.
 """
@@ -15,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,6 +28,13 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .hooks.architecture import ArchitectureInfo
 from .hooks.point import HookPoint
 from .models import NATIVE_ARCHITECTURES, native_module
+from .models.fallback_checks import (
+    FallbackRefused,
+    check_fallback_config,
+    check_model_args,
+    head_check,
+    normalize_fallback_config,
+)
 from .models.rope import normalize_rope_config
 
 DEFAULT_MODEL_NAME = "default"
@@ -49,6 +59,8 @@ class ModelKit:
     native: bool
     arch_info: ArchitectureInfo
     hook_points: dict[str, HookPoint] = field(default_factory=dict)
+    # What load_model(config_overrides=...) changed from config.json (empty for a faithful load).
+    config_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_type(self) -> str:
@@ -146,39 +158,111 @@ def check_safetensors(path: Path) -> None:
 
 
 def model_classes(config: dict[str, Any]) -> tuple[type, type]:
-    """Our native classes for the model type, else mlx-lm's."""
+    """Our native classes for the model type, else mlx-lm's (whose sanitize first checks the LM head)."""
     module = native_module(config["model_type"])
     if module is not None:
         return module.Model, module.ModelArgs
     from mlx_lm.utils import _get_classes
 
     try:
-        return _get_classes(config)
+        model_class, args_class = _get_classes(config)
     except ValueError as exc:
         raise ModelLoadError(
             f"Unknown model_type {config['model_type']!r}: no native implementation "
             f"({', '.join(sorted(NATIVE_ARCHITECTURES))}) and mlx-lm cannot load it either."
         ) from exc
+    except (ImportError, SystemExit) as exc:  # a module that needs a missing package (some exit on import)
+        raise ModelLoadError(f"mlx-lm's module for {config['model_type']!r} cannot be imported: {exc!r}.") from exc
+    return _head_checked(model_class, config), args_class
 
 
-def load_model(path_or_repo_id: Union[str, Path] = DEFAULT_MODEL_NAME, *, revision: Optional[str] = None) -> ModelKit:
-    """Load a model and its tokenizer. Remote code is never executed."""
+def _head_checked(model_class: type, config: dict[str, Any]) -> type:
+    """mlx-lm's class with a sanitize that refuses to drop a stored LM head transformers would use."""
+    check = head_check(config)
+
+    def sanitize(self: Any, weights: dict[str, Any]) -> dict[str, Any]:
+        check(weights)
+        parent = getattr(super(checked, self), "sanitize", None)
+        return parent(weights) if parent is not None else weights
+
+    checked = type(model_class.__name__, (model_class,), {"sanitize": sanitize, "__module__": model_class.__module__})
+    return checked
+
+
+def apply_config_overrides(config: dict[str, Any], overrides: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """`config` with `overrides` set; a key that rope_parameters also holds is set there too."""
+    if not overrides:
+        return config
+    config = dict(config)
+    params = config.get("rope_parameters")
+    for key, value in overrides.items():
+        config[key] = value
+        if isinstance(params, dict) and key in params:
+            params = {**params, key: value}
+    if isinstance(params, dict) and "rope_parameters" not in overrides:
+        config["rope_parameters"] = params
+    return normalize_rope_config(config)
+
+
+def prepare_fallback_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config an mlx-lm class gets: normalised, and refused for any feature the class lacks."""
+    try:
+        config = normalize_fallback_config(config)
+        check_fallback_config(config)  # before mlx-lm's module is imported: some exit the process
+        _, args_class = model_classes(config)
+        check_fallback_config(config, args_class)
+        check_model_args(args_class, config)
+    except FallbackRefused as exc:
+        raise ModelLoadError(str(exc)) from None
+    return config
+
+
+def load_model(
+    path_or_repo_id: Union[str, Path] = DEFAULT_MODEL_NAME,
+    *,
+    revision: Optional[str] = None,
+    config_overrides: Optional[Mapping[str, Any]] = None,
+    parallel: Optional[str] = None,
+) -> ModelKit:
+    """Load a model and its tokenizer. Remote code is never executed.
+
+    `config_overrides` sets config.json keys before any class sees them (a key that
+    `rope_parameters` holds too is set in both). It loads a model other than the checkpoint
+    on disk, on purpose: for experiments, and to show that `verify` catches a model loaded
+    wrong (`config_overrides={"rope_theta": 1.0}`). The kit records what was overridden.
+
+    `parallel="tensor"`, inside an `mx.distributed` job, splits the model's heads and hidden
+    units over the job's ranks (mlx_engine/distributed): each rank reads the checkpoint
+    lazily and keeps its own slices. With one process it is the ordinary load.
+    """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     path, model_id = resolve_model_path(path_or_repo_id, revision)
-    config = read_config(path)
+    config = apply_config_overrides(read_config(path), config_overrides)
+    if native_module(config["model_type"]) is None:
+        config = prepare_fallback_config(config)
     model_classes(config)  # fail on an unknown architecture before reading weights
+    if parallel is not None:
+        from .distributed import check_parallel
+
+        check_parallel(config["model_type"], parallel)
     check_safetensors(path)
     try:
-        model, config = mlx_lm_load_model(path, model_config=config, get_model_classes=model_classes)
+        model, config = mlx_lm_load_model(path, lazy=parallel is not None, model_config=config, get_model_classes=model_classes)
     except ModelLoadError:
         raise
+    except FallbackRefused as exc:
+        raise ModelLoadError(str(exc)) from None
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"Could not load the weights in {path}: {exc}") from exc
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the tokenizer in {path}: {exc}") from exc
+    if parallel is not None:
+        from .distributed import parallelize
+
+        parallelize(model, config, parallel)  # before hook_points(): the split sites get new points
 
     native = native_module(config["model_type"]) is not None
     if native:
@@ -196,6 +280,7 @@ def load_model(path_or_repo_id: Union[str, Path] = DEFAULT_MODEL_NAME, *, revisi
         native=native,
         arch_info=arch_info,
         hook_points=points,
+        config_overrides=dict(config_overrides or {}),
     )
 
 

@@ -35,6 +35,8 @@ class ArchitectureInfo:
     block_prefix: str = "model.layers"
     # Components the model's code can capture; None means all that the architecture has.
     offered: Optional[tuple[str, ...]] = None
+    # Whether the final norm has a hook point (an mlx-lm model whose final norm was not found has none).
+    final_norm: bool = True
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer] if self.layer_types else "full_attention"

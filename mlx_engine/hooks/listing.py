@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .components import INPUT_COMPONENTS, NEURON_MEANING, ComponentType, row_shape
-from .names import offered_components
+from .components import NEURON_MEANING, ComponentType, row_shape
+from .names import offered_components, supports_input
 
 if TYPE_CHECKING:
     from ..loading import ModelKit
@@ -36,7 +36,7 @@ def describe_hook_points(kit: "ModelKit") -> dict[str, Any]:
                     c.value: {
                         "hook_id": f"layers.{i}.{c.value}",
                         "shape": row_shape(info, c),
-                        "supports_input": c in INPUT_COMPONENTS,
+                        "supports_input": supports_input(c, offered),
                     }
                     for c in per_layer
                 },

@@ -413,6 +413,8 @@ def _resolve_site(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tup
             raise HookSpecError(
                 f"The final norm's input is layer {info.num_layers - 1}'s residual output; capture that instead."
             )
+        if not info.final_norm:
+            raise HookSpecError(f"This model has no final-norm hook point; layer {info.num_layers - 1}'s residual is its input.")
         return [ResolvedHook(spec.hook_id or "final_norm", "final_norm", None, "final_norm", C.LAYERNORM, False, spec.edit, spec.indices, spec.positions, spec.dtype)]
 
     if not 0 <= layer < info.num_layers:

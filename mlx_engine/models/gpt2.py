@@ -21,11 +21,13 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from ..hooks.architecture import ArchitectureInfo
 from .attention import attend
 from .base import BlockHooks, InstrumentedModel, ModelHooks
+from .lm_head import sanitize_lm_head
 
+# transformers' "gelu_fast" is the tanh form (FastGELUActivation), not MLX's sigmoid gelu_fast_approx.
 ACTIVATIONS = {
     "gelu_new": nn.gelu_approx,
     "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_fast": nn.gelu_fast_approx,
+    "gelu_fast": nn.gelu_approx,
     "gelu": nn.gelu,
     "relu": nn.relu,
     "silu": nn.silu,
@@ -49,9 +51,13 @@ class ModelArgs(BaseModelArgs):
     activation_function: str = "gelu_new"
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        # transformers' GPT2Config ties by default; remember whether config.json said so, for load errors.
+        self.tie_word_embeddings_given = self.tie_word_embeddings is not None
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = True
         # transformers 5 writes only n_positions; older configs carry n_ctx as well.
         if self.n_positions is None:
             self.n_positions = self.n_ctx
@@ -165,16 +171,13 @@ class Model(nn.Module, InstrumentedModel):
         for key, value in weights.items():
             if key.endswith((".attn.bias", ".attn.masked_bias")):
                 continue
-            if key.startswith("lm_head."):
-                if not self.args.tie_word_embeddings:
-                    out[key] = value
-                continue
-            if not mlx_layout:
+            if not mlx_layout and not key.startswith("lm_head."):
                 key = "model." + key.removeprefix("transformer.")
                 if key.endswith(CONV1D_WEIGHTS):
                     value = value.T
             out[key] = value
-        return out
+        a = self.args
+        return sanitize_lm_head(out, "model.wte", a.tie_word_embeddings, a.model_type, a.tie_word_embeddings_given)
 
     @property
     def layers(self) -> list[TransformerBlock]:

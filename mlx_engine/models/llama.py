@@ -21,6 +21,7 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from ..hooks.architecture import ArchitectureInfo
 from .attention import attend
 from .base import BlockHooks, InstrumentedModel, ModelHooks
+from .lm_head import sanitize_lm_head
 from .rope import lift_rope_parameters, make_rope
 
 ACTIVATIONS = {
@@ -28,6 +29,10 @@ ACTIVATIONS = {
     "gelu": nn.gelu,
     "gelu_pytorch_tanh": nn.gelu_approx,
 }
+
+# transformers' default when config.json omits `tie_word_embeddings` (LlamaConfig, MistralConfig and
+# Qwen2Config in transformers 5): the LM head is its own tensor unless the config says otherwise.
+TIE_WORD_EMBEDDINGS_DEFAULT = {"llama": False, "mistral": False, "qwen2": False}
 
 
 @dataclass
@@ -49,7 +54,7 @@ class ModelArgs(BaseModelArgs):
     rope_traditional: bool = False
     rope_scaling: Optional[dict[str, Any]] = None
     rope_parameters: Optional[dict[str, Any]] = None
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: Optional[bool] = None
     layer_types: Optional[list[str]] = None
     sliding_window: Optional[int] = None
     # Qwen2: a window only where asked for, on layers max_window_layers and up.
@@ -58,6 +63,10 @@ class ModelArgs(BaseModelArgs):
 
     def __post_init__(self) -> None:
         lift_rope_parameters(self)
+        # Whether config.json said so, for a load error that names the default it fell back on.
+        self.tie_word_embeddings_given = self.tie_word_embeddings is not None
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = TIE_WORD_EMBEDDINGS_DEFAULT.get(self.model_type, False)
         if self.rope_theta is None:
             self.rope_theta = 1000000.0 if self.model_type == "qwen2" else 10000.0
         if self.num_key_value_heads is None:
@@ -234,9 +243,8 @@ class Model(nn.Module, InstrumentedModel):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         # Precomputed rotary frequencies are rebuilt from the config.
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        return weights
+        a = self.args
+        return sanitize_lm_head(weights, "model.embed_tokens", a.tie_word_embeddings, a.model_type, a.tie_word_embeddings_given)
 
     @property
     def layers(self) -> list[TransformerBlock]:
