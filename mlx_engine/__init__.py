@@ -19,6 +19,8 @@ ensure_fast_blas()
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "ActivationHookManager": "mlx_engine.hooks.registry",
+    "ActivationStore": "mlx_engine.store.reader",
+    "extract": "mlx_engine.store.extract",
     "ActivationHookSpec": "mlx_engine.hooks.names",
     "BoundIntervention": "mlx_engine.interventions.ops",
     "ActivationCache": "mlx_engine.generation.cache",
@@ -45,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "run_with_cache": "mlx_engine.generation.api",
     "steering_vector": "mlx_engine.interventions.steering",
     "tokenize": "mlx_engine.loading",
+    "verify": "mlx_engine.verify",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
