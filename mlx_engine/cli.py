@@ -145,12 +145,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _package_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands defined beside the code they run; their modules import nothing heavy."""
+    from .analysis.cli import add_analyze_command
     from .demo.cli import add_demo_command
     from .integrations.neuroscope.cli import add_smalltalk_command
     from .server.cli import add_serve_command
     from .tools.synth.cli import add_synth_command
+    from .store.cli import add_extract_command
+    from .verify.cli import add_verify_command
 
-    return [add_serve_command, add_demo_command, add_smalltalk_command, add_synth_command]
+    return [add_serve_command, add_demo_command, add_smalltalk_command, add_synth_command, add_extract_command, add_analyze_command, add_verify_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
