@@ -23,7 +23,8 @@ from mlx_engine.integrations.neuroscope.smalltalk_source import FiledMethod, rea
 REQUIRED_CLIENT_SELECTORS = {
     "baseUrl:", "health", "models", "loadModel:", "hookPoints", "registerHooks:", "clearHooks",
     "generateWithActivations:hooks:", "generateWithActivations:hooks:maxTokens:temperature:",
-    "createCircuitAnalysisHooks:", "createAttentionAnalysisHooks:", "convertActivations:",
+    "createCircuitAnalysisHooks:", "createAttentionAnalysisHooks:", "createNeuronHooks:component:indices:",
+    "convertActivations:",
 }
 # The protocols allowed to differ between dialects.
 DIALECT_PROTOCOLS = {"transport", "checking"}

@@ -204,6 +204,20 @@ createCircuitAnalysisHooks: numLayers
             hooks add: (self hookSpecLayer: 'layers.' , layer printString component: component) ] ].
     ^ hooks asArray
 """),
+        method("presets", """
+createNeuronHooks: layers component: component indices: indices
+    "The MLP neurons of each of layers: component is 'mlp_post' (a dense model) or 'expert_post'
+    (a mixture of experts: the routed experts' units); indices, when not nil, asks for those
+    neurons only (mlx-engine's neuron preset)."
+    | hooks |
+    hooks := self newList.
+    layers do: [ :layer |
+        | spec |
+        spec := self hookSpecLayer: 'layers.' , layer printString component: component.
+        indices isNil ifFalse: [ spec at: 'indices' put: indices asArray ].
+        hooks add: spec ].
+    ^ hooks asArray
+"""),
         method("presets", f"""
 createAttentionAnalysisHooks: layers
     "{', '.join(ATTENTION_COMPONENTS)} of each of layers (mlx-engine's attention preset)."

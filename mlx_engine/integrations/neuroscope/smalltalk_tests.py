@@ -71,6 +71,16 @@ testGenerateWithActivationsGivesFiniteNumbersOfThePromisedShape
                     (entry at: 'data') do: [ :x | self assert: x isFinite ] ] ] ] ]
 """),
         method("tests", """
+testNeuronSubsetsComeBackWithTheirIndices
+    | hooks |
+    hooks := client createNeuronHooks: { 1 } component: 'expert_post' indices: { 3. 17 }.
+    ^ self check: (client generateWithActivations: 'Hello' hooks: hooks maxTokens: 1 temperature: 0) then: [ :response |
+        | entry |
+        entry := ((response at: 'activations') at: 'layers.1.expert_post') first.
+        self assert: (entry at: 'indices') asArray equals: { 3. 17 }.
+        self assert: (entry at: 'shape') last equals: 2 ]
+"""),
+        method("tests", """
 testAttentionFollowsTheCausalMask
     ^ self check: client hookPoints then: [ :points |
         self check: (client generateWithActivations: 'Hello' hooks: (client createAttentionAnalysisHooks: { 1 }) maxTokens: 1 temperature: 0) then: [ :response |

@@ -205,6 +205,18 @@ export function decodeCapture(wire) {
   return capture;
 }
 
+/**
+ * The MLP neurons of each of `layers` as hook specs: `component` is "mlp_post" (dense models) or
+ * "expert_post" (the routed experts of an MoE model); `indices` asks for those neurons only.
+ */
+export function createNeuronHooks(layers, { component = "mlp_post", indices = null } = {}) {
+  return layers.map((layer) => {
+    const spec = { layer_name: `layers.${layer}`, component };
+    if (indices !== null) spec.indices = [...indices];
+    return spec;
+  });
+}
+
 /** `{hook_id: [decoded capture, ...]}` from a response's or chunk's `activations`. */
 export function decodeActivations(activations) {
   return Object.fromEntries(Object.entries(activations || {}).map(([hook, captures]) => [hook, captures.map(decodeCapture)]));
