@@ -86,13 +86,37 @@ def make_caches(layer_types: tuple[str, ...], sliding_window: Optional[int]) -> 
 
 
 class InstrumentedModel:
-    """Mixed into each architecture's `Model`: its hook points and caches, from `layers`,
-    `model_hooks`, `layer_types` and `sliding_window` (which each Model defines)."""
+    """Mixed into each architecture's `Model`: its hook points, caches and LM head.
 
-    layers: list[Any]
-    model_hooks: ModelHooks
-    layer_types: tuple[str, ...]
-    sliding_window: Optional[int]
+    The defaults fit the mlx-lm layout every architecture here uses (`self.model` holding
+    `layers`, `hooks`, `embed_tokens`; `self.args` holding `layer_types`, `sliding_window`,
+    `tie_word_embeddings`); a Model whose layout differs (GPT-2) overrides what differs.
+    """
+
+    args: Any
+    model: Any
+
+    @property
+    def layers(self) -> list[Any]:
+        return self.model.layers
+
+    @property
+    def model_hooks(self) -> ModelHooks:
+        return self.model.hooks
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        return tuple(self.args.layer_types)
+
+    @property
+    def sliding_window(self) -> Optional[int]:
+        return self.args.sliding_window
+
+    def unembed(self, hidden: Any) -> Any:
+        """Logits from final-norm outputs: the tied embedding, or the model's own `lm_head`."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)  # type: ignore[attr-defined]
 
     def make_cache(self) -> list[Any]:
         return make_caches(tuple(self.layer_types), self.sliding_window)

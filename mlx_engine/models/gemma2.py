@@ -26,6 +26,7 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from ..hooks.architecture import ArchitectureInfo
 from .attention import attend
 from .base import BlockHooks, InstrumentedModel, ModelHooks
+from .lm_head import sanitize_lm_head
 from .rope import lift_rope_parameters, make_rope
 
 ACTIVATIONS = {
@@ -61,10 +62,13 @@ class ModelArgs(BaseModelArgs):
     final_logit_softcapping: Optional[float] = 30.0
     sliding_window: Optional[int] = 4096
     layer_types: Optional[list[str]] = None
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: Optional[bool] = None  # transformers' Gemma 2 default: tied
     use_bidirectional_attention: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        self.tie_word_embeddings_given = self.tie_word_embeddings is not None
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = True
         lift_rope_parameters(self)
         if self.use_bidirectional_attention:
             raise ValueError("Gemma 2 with use_bidirectional_attention is not supported: this file is causal only.")
@@ -258,34 +262,14 @@ class Model(nn.Module, InstrumentedModel):
         out = self.model(inputs, cache, input_embeddings)
         if last_only:
             out = out[:, -1:, :]
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(out)
-        else:
-            logits = self.lm_head(out)
+        logits = self.unembed(out)
         return softcap(logits, self.args.final_logit_softcapping)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drop rotary buffers (rebuilt from the config) and, only when the head is tied, a stored head copy."""
+        """Drop rotary buffers (rebuilt from the config) and a tied head's stored copy (never a head in use)."""
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        return weights
-
-    @property
-    def layers(self) -> list[TransformerBlock]:
-        return self.model.layers
-
-    @property
-    def model_hooks(self) -> ModelHooks:
-        return self.model.hooks
-
-    @property
-    def layer_types(self) -> tuple[str, ...]:
-        return tuple(self.args.layer_types)
-
-    @property
-    def sliding_window(self) -> Optional[int]:
-        return self.args.sliding_window
+        a = self.args
+        return sanitize_lm_head(weights, "model.embed_tokens", a.tie_word_embeddings, a.model_type, a.tie_word_embeddings_given)
 
     @property
     def arch_info(self) -> ArchitectureInfo:

@@ -269,10 +269,7 @@ class Model(nn.Module, InstrumentedModel):
         out = self.model(inputs, cache, input_embeddings)
         if last_only:
             out = out[:, -1:, :]
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(out)
-        else:
-            logits = self.lm_head(out)
+        logits = self.unembed(out)
         cap = self.args.final_logit_softcapping
         if cap is not None:
             logits = mx.tanh(logits / cap) * cap
@@ -296,22 +293,6 @@ class Model(nn.Module, InstrumentedModel):
             sanitized[key] = value
         a = self.args
         return sanitize_lm_head(sanitized, "model.embed_tokens", a.tie_word_embeddings, a.model_type, a.tie_word_embeddings_given)
-
-    @property
-    def layers(self) -> list[TransformerBlock]:
-        return self.model.layers
-
-    @property
-    def model_hooks(self) -> ModelHooks:
-        return self.model.hooks
-
-    @property
-    def layer_types(self) -> tuple[str, ...]:
-        return tuple(self.args.layer_types)
-
-    @property
-    def sliding_window(self) -> Optional[int]:
-        return self.args.sliding_window
 
     @property
     def arch_info(self) -> ArchitectureInfo:

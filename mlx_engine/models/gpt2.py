@@ -184,10 +184,6 @@ class Model(nn.Module, InstrumentedModel):
         return self.model.h
 
     @property
-    def model_hooks(self) -> ModelHooks:
-        return self.model.hooks
-
-    @property
     def layer_types(self) -> tuple[str, ...]:
         return ("full_attention",) * self.args.n_layer
 

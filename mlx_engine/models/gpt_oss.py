@@ -295,22 +295,6 @@ class Model(nn.Module, InstrumentedModel):
         return sanitized
 
     @property
-    def layers(self) -> list[TransformerBlock]:
-        return self.model.layers
-
-    @property
-    def model_hooks(self) -> ModelHooks:
-        return self.model.hooks
-
-    @property
-    def layer_types(self) -> tuple[str, ...]:
-        return tuple(self.args.layer_types)
-
-    @property
-    def sliding_window(self) -> Optional[int]:
-        return self.args.sliding_window
-
-    @property
     def arch_info(self) -> ArchitectureInfo:
         a = self.args
         return ArchitectureInfo(

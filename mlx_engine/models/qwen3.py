@@ -226,9 +226,7 @@ class Model(nn.Module, InstrumentedModel):
         out = self.model(inputs, cache, input_embeddings)
         if last_only:
             out = out[:, -1:, :]
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(out)
-        return self.lm_head(out)
+        return self.unembed(out)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop the rotary frequencies (rebuilt from the config) and a tied head's copy of the embedding;
@@ -236,22 +234,6 @@ class Model(nn.Module, InstrumentedModel):
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
         a = self.args
         return sanitize_lm_head(weights, "model.embed_tokens", a.tie_word_embeddings, a.model_type, a.tie_word_embeddings_given)
-
-    @property
-    def layers(self) -> list[Any]:
-        return self.model.layers
-
-    @property
-    def model_hooks(self) -> ModelHooks:
-        return self.model.hooks
-
-    @property
-    def layer_types(self) -> tuple[str, ...]:
-        return tuple(self.args.layer_types)
-
-    @property
-    def sliding_window(self) -> Optional[int]:
-        return self.args.sliding_window
 
     @property
     def arch_info(self) -> ArchitectureInfo:
