@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import mlx.core as mx
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import RotatingKVCache
 
 from .base import BlockHooks
@@ -125,3 +126,19 @@ def _explicit_attention(
     v = values.astype(mx.float32)[:, :, None]
     out = probs.reshape(B, n_kv, groups, T, S) @ v
     return out.reshape(B, n_heads, T, D).astype(queries.dtype)
+
+
+def layer_masks(x: mx.array, caches: list[Any], layers: list[Any], window: Optional[int]) -> list[Union[None, str, mx.array]]:
+    """Each layer's attention mask for this forward, one per attention kind (`layer.layer_type`).
+
+    Made before any cache is updated this step, from the first cache of each kind, as mlx-lm
+    builds them; sliding-window layers get the window.
+    """
+    by_kind: dict[str, Union[None, str, mx.array]] = {}
+    masks = []
+    for layer, cache in zip(layers, caches):
+        kind = layer.layer_type
+        if kind not in by_kind:
+            by_kind[kind] = create_attention_mask(x, cache, window_size=window if kind == "sliding_attention" else None)
+        masks.append(by_kind[kind])
+    return masks

@@ -17,14 +17,14 @@ Parameter names are those of transformers' and mlx-lm's checkpoints (`model.laye
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs, create_attention_mask
+from mlx_lm.models.base import BaseModelArgs
 
 from ..hooks.architecture import ArchitectureInfo
-from .attention import attend
+from .attention import attend, layer_masks
 from .base import BlockHooks, InstrumentedModel, ModelHooks
 from .lm_head import sanitize_lm_head
 from .rope import make_rope
@@ -238,14 +238,8 @@ class Gemma3Model(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
 
-        # One mask per layer kind, made before any cache is updated this step.
-        masks: dict[str, Union[None, str, mx.array]] = {}
-        for layer, c in zip(self.layers, cache):
-            if layer.layer_type not in masks:
-                masks[layer.layer_type] = create_attention_mask(h, c, window_size=layer.self_attn.window)
-
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, masks[layer.layer_type], c)
+        for layer, c, mask in zip(self.layers, cache, layer_masks(h, cache, self.layers, self.args.sliding_window)):
+            h = layer(h, mask, c)
         return self.hooks.final_norm(self.norm(h))
 
 

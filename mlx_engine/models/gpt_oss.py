@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import SwigluOAI
-from mlx_lm.models.base import BaseModelArgs, create_attention_mask
+from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..hooks.architecture import ArchitectureInfo
-from .attention import attend
+from .attention import attend, layer_masks
 from .base import BlockHooks, InstrumentedModel, ModelHooks
 from .rope import lift_rope_parameters, make_rope
 
@@ -224,15 +224,8 @@ class GptOssMoeModel(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
 
-        # One mask per layer type, made before any cache is updated this step.
-        masks: dict[str, Union[None, str, mx.array]] = {}
-        for layer, c in zip(self.layers, cache):
-            if layer.layer_type not in masks:
-                window = self.window if layer.layer_type == "sliding_attention" else None
-                masks[layer.layer_type] = create_attention_mask(x, c, window_size=window)
-
-        for layer, c in zip(self.layers, cache):
-            x = layer(x, masks[layer.layer_type], c)
+        for layer, c, mask in zip(self.layers, cache, layer_masks(x, cache, self.layers, self.window)):
+            x = layer(x, mask, c)
         return self.hooks.final_norm(self.norm(x))
 
 

@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs, create_attention_mask
+from mlx_lm.models.base import BaseModelArgs
 
 from ..hooks.architecture import ArchitectureInfo
-from .attention import attend
+from .attention import attend, layer_masks
 from .base import BlockHooks, InstrumentedModel, ModelHooks
 from .lm_head import sanitize_lm_head
 from .rope import lift_rope_parameters, make_rope
@@ -167,10 +167,6 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.hooks = BlockHooks(layer)
 
-    @property
-    def use_sliding(self) -> bool:
-        return self.layer_type == "sliding_attention"
-
     def __call__(self, x: mx.array, mask: Any = None, cache: Optional[Any] = None) -> mx.array:
         hooks = self.hooks
         x = hooks.resid_pre(x)
@@ -188,9 +184,6 @@ class LlamaModel(nn.Module):
         self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.hooks = ModelHooks()
-        types = args.layer_types
-        self.full_idx = types.index("full_attention") if "full_attention" in types else None
-        self.sliding_idx = types.index("sliding_attention") if "sliding_attention" in types else None
 
     def __call__(
         self,
@@ -203,15 +196,8 @@ class LlamaModel(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
 
-        # One mask per attention kind per forward, as mlx-lm builds them.
-        full_mask = sliding_mask = None
-        if self.full_idx is not None:
-            full_mask = create_attention_mask(h, cache[self.full_idx])
-        if self.sliding_idx is not None:
-            sliding_mask = create_attention_mask(h, cache[self.sliding_idx], window_size=self.args.sliding_window)
-
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, sliding_mask if layer.use_sliding else full_mask, cache=c)
+        for layer, c, mask in zip(self.layers, cache, layer_masks(h, cache, self.layers, self.args.sliding_window)):
+            h = layer(h, mask, cache=c)
         return self.hooks.final_norm(self.norm(h))
 
 

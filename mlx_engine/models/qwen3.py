@@ -14,14 +14,14 @@ its blocks from the attention and MLP here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs, create_attention_mask
+from mlx_lm.models.base import BaseModelArgs
 
 from ..hooks.architecture import ArchitectureInfo
-from .attention import attend
+from .attention import attend, layer_masks
 from .base import BlockHooks, InstrumentedModel, ModelHooks
 from .llama import ACTIVATIONS
 from .lm_head import sanitize_lm_head
@@ -191,15 +191,8 @@ class Qwen3Model(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
 
-        # One mask per layer type, made before any cache is updated this step.
-        masks: dict[str, Union[None, str, mx.array]] = {}
-        for layer, c in zip(self.layers, cache):
-            if layer.layer_type not in masks:
-                window = self.args.sliding_window if layer.layer_type == "sliding_attention" else None
-                masks[layer.layer_type] = create_attention_mask(h, c, window_size=window)
-
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, masks[layer.layer_type], c)
+        for layer, c, mask in zip(self.layers, cache, layer_masks(h, cache, self.layers, self.args.sliding_window)):
+            h = layer(h, mask, c)
         return self.hooks.final_norm(self.norm(h))
 
 
