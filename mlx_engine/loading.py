@@ -17,6 +17,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -66,7 +67,7 @@ class ModelKit:
     def model_type(self) -> str:
         return self.config["model_type"]
 
-    @property
+    @cached_property
     def activation_itemsize(self) -> int:
         """Bytes per captured element: the model's float dtype (quantized models: their scales')."""
         from mlx.utils import tree_flatten

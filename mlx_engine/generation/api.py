@@ -16,7 +16,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..hooks.budget import check_budget
 from ..hooks.capture import StepActivations
-from ..hooks.names import HookRequest, ResolvedHook, resolve_hooks
+from ..hooks.names import HookRequest, ResolvedHook, resolve_hooks, resolve_requests
 from ..hooks.session import HookSession
 from ..interventions.ops import BoundIntervention, bind_interventions
 from ..interventions.resolve import InterventionRequest, resolve_interventions
@@ -149,9 +149,10 @@ def run_with_cache(
         raise ValueError("The prompt is empty: give at least one token.")
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}.")
-    hooks = list(hooks)
-    resolved = resolve_hooks(kit.arch_info, kit.native, hooks)
-    aliases = {name: hook_id for name, hook_id in _names(kit, hooks)}
+    requests = resolve_requests(kit.arch_info, kit.native, hooks)
+    resolved = [r for _, rs in requests for r in rs]
+    # A hook asked by a plain name ("blocks.1.hook_resid_post") is found under that name too.
+    aliases = {raw: r.hook_id for raw, rs in requests if isinstance(raw, str) for r in rs}
     edits = _bound(kit, interventions, len(tokens), 0, sources)
     session = HookSession(kit.hook_points, resolved, edits)
     prompt = mx.array(tokens, dtype=mx.uint32)
@@ -173,11 +174,3 @@ def run_with_cache(
         session.disarm()
     joined = join_chunks(chunks, len(tokens))
     return ActivationCache(tokens, mx.concatenate(logits, axis=0), joined, aliases)
-
-
-def _names(kit: ModelKit, hooks: list[Any]) -> Iterator[tuple[str, str]]:
-    """(name a hook was asked by, its hook id) for every hook asked by a plain name."""
-    for spec in hooks:
-        if isinstance(spec, str):
-            for r in resolve_hooks(kit.arch_info, kit.native, [spec]):
-                yield spec, r.hook_id
