@@ -54,9 +54,10 @@ def save(fig: Any, folder: Path, name: str, title: str, data: Any, rows: Sequenc
         if (folder / f).exists():
             raise FileExistsError(f"{folder / f} exists; an analysis folder is written once.")
     with matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(folder / files["png"], dpi=DPI)
+        # A long colour-bar label can reach past the figure's edge; "tight" keeps every label inside.
+        fig.savefig(folder / files["png"], dpi=DPI, bbox_inches="tight")
         fig.set_layout_engine("none")  # the constrained layout is computed once; the SVG reuses it
-        fig.savefig(folder / files["svg"])
+        fig.savefig(folder / files["svg"], bbox_inches="tight")
     (folder / files["json"]).write_text(json.dumps(data, indent=1, allow_nan=True))
     with open(folder / files["csv"], "w", newline="", encoding="utf-8") as fh:
         columns = list(rows[0]) if rows else []

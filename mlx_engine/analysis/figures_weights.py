@@ -17,7 +17,6 @@ from matplotlib.figure import Figure
 
 from .figures import FigureFiles, heatmap, save
 
-MAX_PANELS = 9
 TOP_MATRICES = 8  # lines in the checkpoint figure: the matrices that change most
 
 
@@ -27,7 +26,7 @@ def _kind(component: str) -> str:
 
 def spectra_figure(report: Any, folder: Path) -> FigureFiles:
     """Normalised singular values sigma_i / sigma_1 of every matrix, one panel per component, coloured by layer."""
-    kinds = list(dict.fromkeys(_kind(m.component) for m in report.matrices if m.singular_values is not None))[:MAX_PANELS]
+    kinds = list(dict.fromkeys(_kind(m.component) for m in report.matrices if m.singular_values is not None))  # every kind: none left out
     layers = [m.layer for m in report.matrices if m.layer is not None]
     top = max(layers) if layers else 0
     cols = min(3, len(kinds))
