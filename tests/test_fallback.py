@@ -165,5 +165,5 @@ def test_the_rule_table_says_why_and_what_to_do() -> None:
     for model_type, checks in FALLBACK_RULES.items():
         assert checks, model_type
         for check in checks:
-            assert check.feature and check.why.endswith(".") and check.todo, (model_type, check)
+            assert check.feature and check.why.endswith(".") and check.remedy, (model_type, check)
     assert all(check.fields for check in GENERIC_CHECKS)

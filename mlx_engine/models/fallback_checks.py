@@ -90,7 +90,7 @@ def _refusal(model_type: str, check: Check, config: Mapping[str, Any]) -> str:
     return (
         f"{model_type} has no native mlx-engine implementation, and mlx-lm's class for it does not implement "
         f"what this config.json asks for: {check.feature} = {value!r}. {check.why} Its outputs would differ "
-        f"from transformers', so the checkpoint is refused. What to do: {check.todo}"
+        f"from transformers', so the checkpoint is refused. What to do: {check.remedy}"
     )
 
 

@@ -22,7 +22,7 @@ SILU = frozenset({"silu", "swish"})
 INITIALIZE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 NATIVE = "run this checkpoint in transformers, or add a native mlx_engine/models/ file for this architecture."
-CONFIG_TODO = "if config.json is wrong about the checkpoint, correct it (or pass load_model(config_overrides=...)); otherwise " + NATIVE
+CONFIG_REMEDY = "if config.json is wrong about the checkpoint, correct it (or pass load_model(config_overrides=...)); otherwise " + NATIVE
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Check:
     feature: str
     ok: Predicate
     why: str
-    todo: str = NATIVE
+    remedy: str = NATIVE
     # GENERIC_CHECKS only: a ModelArgs field with one of these names means the class reads the feature.
     fields: frozenset[str] = frozenset()
 
@@ -96,19 +96,19 @@ def act(key: str, allowed: frozenset[str], what: str) -> Check:
 
 
 def plain_rope(cls: str) -> Check:
-    return Check("rope_scaling", rope_in("default"), f"mlx-lm's {cls} builds plain RoPE (nn.RoPE) and ignores rope scaling.", CONFIG_TODO)
+    return Check("rope_scaling", rope_in("default"), f"mlx-lm's {cls} builds plain RoPE (nn.RoPE) and ignores rope scaling.", CONFIG_REMEDY)
 
 
 def rope_types(cls: str, *types: str) -> Check:
     return Check(
         "rope_scaling", rope_in(*types),
-        f"mlx-lm's {cls} computes only these rope types as transformers does: {', '.join(types)}.", CONFIG_TODO,
+        f"mlx-lm's {cls} computes only these rope types as transformers does: {', '.join(types)}.", CONFIG_REMEDY,
     )
 
 
 def tied(cls: str, value: bool) -> Check:
     has = "uses the embedding as the LM head" if value else "has its own LM head tensor"
-    return Check("tie_word_embeddings", equals("tie_word_embeddings", value), f"mlx-lm's {cls} always {has}.", CONFIG_TODO)
+    return Check("tie_word_embeddings", equals("tie_word_embeddings", value), f"mlx-lm's {cls} always {has}.", CONFIG_REMEDY)
 
 
 def ignored_window(cls: str, gate: str = "") -> Check:
@@ -185,7 +185,7 @@ FALLBACK_RULES: dict[str, tuple[Check, ...]] = {
         act("hidden_act", SILU, WHY_SILU),
         Check(
             "rope_parameters", rope_per_layer_type_shared,
-            "mlx-lm's Olmo 3 uses one rope_theta for every layer and plain RoPE on sliding-window layers.", CONFIG_TODO,
+            "mlx-lm's Olmo 3 uses one rope_theta for every layer and plain RoPE on sliding-window layers.", CONFIG_REMEDY,
         ),
         rope_types("Olmo 3", *INITIALIZE_ROPE_TYPES),
     ),
@@ -221,7 +221,7 @@ GENERIC_CHECKS: tuple[Check, ...] = (
     Check(
         "rope_scaling", rope_in("default"),
         "This mlx-lm class's ModelArgs has no rope_scaling field, so it cannot apply the scaled rope the config asks for.",
-        CONFIG_TODO, frozenset({"rope_scaling", "rope_parameters"}),
+        CONFIG_REMEDY, frozenset({"rope_scaling", "rope_parameters"}),
     ),
     Check(
         "sliding_window", no_window(gate="use_sliding_window"),
