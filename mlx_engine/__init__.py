@@ -21,6 +21,8 @@ _EXPORTS: dict[str, str] = {
     "ActivationHookManager": "mlx_engine.hooks.registry",
     "ActivationStore": "mlx_engine.store.reader",
     "extract": "mlx_engine.store.extract",
+    "attach_sae": "mlx_engine.sae.attach",
+    "load_sae": "mlx_engine.sae.formats",
     "ActivationHookSpec": "mlx_engine.hooks.names",
     "BoundIntervention": "mlx_engine.interventions.ops",
     "ActivationCache": "mlx_engine.generation.cache",

@@ -38,6 +38,7 @@ class ComponentType(str, Enum):
     EXPERT_POST = "expert_post"
     ATTENTION_PRE_NORM = "attention_pre_norm"
     MLP_PRE_NORM = "mlp_pre_norm"
+    SAE_FEATURES = "sae_features"
 
     def __str__(self) -> str:  # f"{component}" gives the wire name
         return self.value
@@ -62,6 +63,9 @@ EXPERT_COMPONENTS: tuple[ComponentType, ...] = (C.EXPERT_PRE, C.EXPERT_POST)
 # Sandwich-norm models (Gemma, OLMo 2) normalise each sublayer's output before the residual add:
 # `attention`/`mlp` are what is added (after the post-norm); these are the outputs before it.
 POST_NORM_COMPONENTS: tuple[ComponentType, ...] = (C.ATTENTION_PRE_NORM, C.MLP_PRE_NORM)
+# The features of an SAE attached at a site (mlx_engine/sae/attach.py): [T, d_sae], or the k largest
+# per position as ids [T, k] with their `values` as an extra; offered only where an SAE is attached.
+SAE_COMPONENTS: tuple[ComponentType, ...] = (C.SAE_FEATURES,)
 # What every native dense model offers beyond the contract's ten.
 NATIVE_EXTRA_COMPONENTS: tuple[ComponentType, ...] = (C.Z, C.RESID_MID)
 # Scores and patterns are [H, T, S] over the keys attended.
@@ -71,6 +75,7 @@ INPUT_COMPONENTS: tuple[ComponentType, ...] = (C.RESIDUAL, C.ATTENTION, C.MLP, C
 # Components an intervention may edit.
 EDITABLE_COMPONENTS: tuple[ComponentType, ...] = (
     MODULE_COMPONENTS + HEAD_COMPONENTS + (C.RESID_MID,) + NEURON_COMPONENTS + EXPERT_COMPONENTS + POST_NORM_COMPONENTS
+    + SAE_COMPONENTS
 )
 # Components a steering vector (one [d_model] direction) lives in.
 DIRECTION_COMPONENTS: tuple[ComponentType, ...] = (C.RESIDUAL, C.ATTENTION, C.MLP, C.LAYERNORM, C.EMBEDDING, C.RESID_MID)
@@ -102,6 +107,8 @@ def row_shape(info: ArchitectureInfo, component: ComponentType) -> Shape:
         return ["T", info.d_mlp or 0]
     if component in EXPERT_COMPONENTS:
         return ["T", info.experts_per_token or 0, info.d_mlp or 0]
+    if component is C.SAE_FEATURES:
+        return ["T", max([s.d_sae for s in getattr(info, "saes", ())], default=0)]
     return ["T", info.d_model]
 
 
@@ -118,7 +125,24 @@ def position_shape(info: ArchitectureInfo, component: ComponentType) -> tuple[in
         return 0, info.d_mlp or 0
     if component in EXPERT_COMPONENTS:
         return info.experts_per_token or 0, info.d_mlp or 0
+    if component is C.SAE_FEATURES:
+        return 0, sae_width(info)
     return 0, info.d_model
+
+
+def sae_width(info: ArchitectureInfo) -> int:
+    """d_sae of the SAEs attached to the model (`info.saes`, set by mlx_engine.sae.attach_sae).
+
+    A feature intervention given as a dict is checked against this one width; SAEs of different
+    widths take theirs from `AttachedSAE.interventions`, which resolves against one SAE.
+    """
+    widths = sorted({s.d_sae for s in getattr(info, "saes", ())})
+    if len(widths) > 1:
+        raise ValueError(
+            f"SAEs of different widths {widths} are attached, so a feature intervention given as a dict is ambiguous; "
+            "resolve it with the AttachedSAE's interventions(...)."
+        )
+    return widths[0] if widths else 0
 
 
 def elements_per_position(info: ArchitectureInfo, component: ComponentType, features: Optional[int] = None) -> int:
@@ -128,6 +152,8 @@ def elements_per_position(info: ArchitectureInfo, component: ComponentType, feat
     """
     if component is C.ROUTER:
         return (info.n_experts or 0) + 2 * (info.experts_per_token or 0)
+    if component is C.SAE_FEATURES:  # the widest attached SAE: an upper bound (top-k captures: ids and values)
+        return max([2 * s.top_k if s.top_k else features or s.d_sae for s in getattr(info, "saes", ())], default=0)
     heads, width = position_shape(info, component)
     extra = info.experts_per_token or 0 if component in EXPERT_COMPONENTS else 0  # the expert ids
     return max(heads, 1) * (width if features is None else features) + extra

@@ -267,7 +267,7 @@ def offered_components(info: ArchitectureInfo, native: bool) -> tuple[ComponentT
     if not native:
         return MODULE_COMPONENTS
     moe_only = (C.ROUTER, *EXPERT_COMPONENTS)
-    conditional = (*moe_only, *NEURON_COMPONENTS, *POST_NORM_COMPONENTS)
+    conditional = (*moe_only, *NEURON_COMPONENTS, *POST_NORM_COMPONENTS, C.SAE_FEATURES)
     comps = [c for c in ComponentType if c not in conditional]
     comps.extend(moe_only if info.n_experts else NEURON_COMPONENTS)
     if info.post_norms:
@@ -314,6 +314,8 @@ def resolve_requests(
 
 
 def _resolve_one(spec: ActivationHookSpec, info: ArchitectureInfo, offered: tuple[ComponentType, ...]) -> list[ResolvedHook]:
+    if getattr(info, "saes", ()) and info.wants_sae_features(spec):  # an attached SAE's features (mlx_engine/sae/attach.py)
+        return [info.resolve_sae_features(spec)]
     resolved = _resolve_site(spec, info, offered)
     if spec.indices is not None:
         for r in resolved:

@@ -68,11 +68,24 @@ class HookSession:
         self._edits: dict[int, list["BoundIntervention"]] = {}
         for edit in interventions:
             point = points[edit.site]
+            shard = getattr(point, "shard", None)
+            if shard is not None:  # a tensor-parallel site: this rank edits the slice it holds (mlx_engine/distributed)
+                edit = shard.localize(edit)
             self._armed[id(point)] = point
             self._edits.setdefault(id(point), []).append(edit)
+        # An SAE's feature point (mlx_engine/sae/attach.py) is called by the SAE that runs at its site:
+        # arming it arms that site too, where the SAE runs after the site's own edits (`splice`).
+        self._stages: dict[int, list[HookPoint]] = {}
+        for point in list(self._armed.values()):
+            site = getattr(point, "site_point", None)
+            if site is not None:
+                self._armed[id(site)] = site
+                self._stages.setdefault(id(site), []).append(point)
+        stages_edited = {k for k, fps in self._stages.items() if any(id(p) in self._edits for p in fps)}
+        self._edited = set(self._edits) | stages_edited
         self._before: dict[int, list[ResolvedHook]] = {}
         self._after: dict[int, list[ResolvedHook]] = {}
-        for key in self._edits:
+        for key in self._edited:
             for r in self._by_point.get(key, []):
                 side = self._before if r.edit == "before" else self._after
                 side.setdefault(key, []).append(r)
@@ -83,7 +96,9 @@ class HookSession:
         state = self._pass
         if state is None:  # a forward outside a bracketed pass (e.g. a warm-up): not ours to keep
             return x
-        self._collect(self._by_point[id(hp)], x, context, state, None)
+        self._collect(hp, self._by_point.get(id(hp), ()), x, context, state, None)
+        for stage in self._stages.get(id(hp), ()):  # an SAE that only captures: x comes back unchanged
+            x = stage.splice(x)
         return x
 
     def _edit(self, hp: HookPoint, x: mx.array, context: dict[str, Any]) -> mx.array:
@@ -91,15 +106,29 @@ class HookSession:
         if state is None:
             return x
         key = id(hp)
-        self._collect(self._before.get(key, ()), x, context, state, "before")
-        for edit in self._edits[key]:
+        self._collect(hp, self._before.get(key, ()), x, context, state, "before")
+        for edit in self._edits.get(key, ()):
             x = edit.apply(x, state.start, state.end)
-        self._collect(self._after.get(key, ()), x, context, state, "after")
+        for stage in self._stages.get(key, ()):
+            x = stage.splice(x)
+        self._collect(hp, self._after.get(key, ()), x, context, state, "after")
         return x
 
     def _collect(
-        self, hooks: Iterable[ResolvedHook], x: mx.array, context: dict[str, Any], state: _PassState, edit: Optional[str]
+        self,
+        hp: HookPoint,
+        hooks: Iterable[ResolvedHook],
+        x: mx.array,
+        context: dict[str, Any],
+        state: _PassState,
+        edit: Optional[str],
     ) -> None:
+        hooks = list(hooks)
+        shard = getattr(hp, "shard", None)
+        if hooks and shard is not None:
+            # A tensor-parallel site holds this rank's heads or units: capture the whole tensor,
+            # gathered from every rank in the unsharded order (mlx_engine/distributed/sites.py).
+            x = shard.gather(x)
         for r in hooks:
             rows = _rows_wanted(r, state)
             if rows is not None and not rows:
@@ -110,6 +139,9 @@ class HookSession:
             elif r.component in EXPERT_COMPONENTS:
                 extras = {"experts": context["experts"][0]}
             array = x[0]
+            select = context.get("select")
+            if select is not None:  # a point that hands out a summary of its tensor (an SAE's top-k features)
+                array, extras = select(array)
             positions = (state.start, state.end)
             if rows is not None:
                 # A subset of the positions: only those rows are kept (and evaluated).
@@ -149,7 +181,7 @@ class HookSession:
                     "finish or close that generator first."
                 )
         for key, point in self._armed.items():
-            point.fn = self._edit if key in self._edits else self._record
+            point.fn = self._edit if key in self._edited else self._record
 
     def disarm(self) -> None:
         for point in self._armed.values():
