@@ -80,3 +80,6 @@ def add_analyze_command(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--out", required=True, help="folder that receives one new timestamped folder per run")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(func=_run_weights)
+    from .neurons.cli import add_neuron_commands  # `analyze report` and `analyze neurons` (argparse only)
+
+    add_neuron_commands(kinds)
