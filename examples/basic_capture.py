@@ -14,6 +14,8 @@ layers = range(kit.arch_info.num_layers)
 hooks = [{"layer_name": i, "component": "residual"} for i in layers]
 prompt = mlx_engine.chat_tokens(kit, [{"role": "user", "content": "Write a Python function."}])
 
+# One row per generated token: its text, then the L2 norm of the residual stream after each layer.
+print(f"{'token':>14}  " + " ".join(f"{f'layer {i}':>7}" for i in layers))
 for result, acts in mlx_engine.create_generator_with_activations(kit, prompt, hooks, max_tokens=16):
     # The captures handed out with a token are those of the pass that chose it: its last row.
     norms = [mx.linalg.norm(acts[f"layers.{i}.residual"][-1].array[-1]).item() for i in layers]

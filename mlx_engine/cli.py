@@ -66,12 +66,38 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt = chat_tokens(kit, [{"role": "user", "content": args.prompt}])
     else:
         prompt = tokenize(kit, args.prompt)
+    # A Harmony chat (gpt-oss) answers in channels, parsed on token ids: `final` is the answer,
+    # `analysis` the reasoning; the <|channel|> markers themselves are never shown.
+    harmony = None
+    if args.chat and kit.is_harmony:
+        from .generation.harmony import HarmonyStreamParser, HarmonyTokens
+
+        harmony = HarmonyStreamParser(kit.tokenizer.decode, HarmonyTokens.from_vocab(kit.tokenizer.get_vocab()))
     last = None
+    section = None  # which channel's text was written last, when reasoning is shown too
+    hidden_reasoning = 0
     for result in create_generator(kit, prompt, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed):
-        sys.stdout.write(result.text)
+        if harmony is None:
+            sys.stdout.write(result.text)
+        else:
+            delta = harmony.push(result.token)
+            if result.finish_reason is not None:
+                delta = delta + harmony.finish()
+            for name, text in (("reasoning (analysis channel)", delta.reasoning), ("answer (final channel)", delta.content)):
+                if not text:
+                    continue
+                if name.startswith("reasoning") and not args.show_reasoning:
+                    hidden_reasoning += 1
+                    continue
+                if args.show_reasoning and section != name:
+                    sys.stdout.write(("" if section is None else "\n") + f"── {name} ──\n")
+                    section = name
+                sys.stdout.write(text)
         sys.stdout.flush()
         last = result
     sys.stdout.write("\n")
+    if hidden_reasoning:
+        print(f"[{hidden_reasoning} reasoning tokens not shown: --show-reasoning prints the analysis channel]", file=sys.stderr)
     if last is not None:
         print(
             f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, "
@@ -83,9 +109,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .tools.convert import quantize_checkpoint
+    import warnings
 
-    out = quantize_checkpoint(args.model, args.out, bits=args.bits, group_size=args.group_size)
+    from .tools.convert import RequantizationWarning, quantize_checkpoint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RequantizationWarning)
+        out = quantize_checkpoint(args.model, args.out, bits=args.bits, group_size=args.group_size, requantize=args.requantize)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     print(f"Wrote {args.bits}-bit (group size {args.group_size}) checkpoint to {out}")
     return 0
 
@@ -113,7 +145,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream text from a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help="local folder, Hugging Face repo id, or 'default'")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (Harmony models: print the final channel)")
+    p.add_argument("--show-reasoning", action="store_true", help="with --chat on a Harmony model (gpt-oss), print the analysis channel too")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
@@ -126,6 +159,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--bits", type=int, choices=(4, 8), default=4)
     p.add_argument("--group-size", type=int, choices=(32, 64), default=64)
+    p.add_argument(
+        "--requantize", action="store_true",
+        help="convert an already-quantized model anyway: dequantize, then quantize (the rounding errors compound)",
+    )
     p.set_defaults(func=_cmd_convert)
 
 
@@ -152,8 +189,9 @@ def _package_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .tools.synth.cli import add_synth_command
     from .store.cli import add_extract_command
     from .verify.cli import add_verify_command
+    from .sae.cli import add_sae_command
 
-    return [add_serve_command, add_demo_command, add_smalltalk_command, add_synth_command, add_extract_command, add_analyze_command, add_verify_command]
+    return [add_serve_command, add_demo_command, add_smalltalk_command, add_synth_command, add_extract_command, add_analyze_command, add_verify_command, add_sae_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

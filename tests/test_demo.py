@@ -3,16 +3,21 @@
 The demo runs as a subprocess, as a user would start it, on the embedded default model.
 The checks cross the files: the safetensors capture must hold exactly the values of the
 NeuroScope JSON (float32 values are exact in JSON's float64, so the tolerance is zero),
-the pictures must have the sizes the captured shapes imply and colours that follow the
-data, and the summary must describe each file.
+the pictures must open and carry their title, axis labels, token strings, colour bar and
+generation boundary (ink in those regions of the PNG, the text itself in the SVG twin),
+index.html must show the run from disk with relative links only, and the summary must
+describe each file.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,26 +26,29 @@ import pytest
 from PIL import Image
 
 from mlx_engine.demo import (
-    ATTENTION_CELL,
     ATTENTION_PNG,
+    ATTENTION_SVG,
     CAPTURE_FILE,
-    CELL,
+    INDEX_FILE,
     NEUROSCOPE_FILE,
     RESIDUAL_PNG,
+    RESIDUAL_SVG,
     SMALLTALK_FILE,
     SUMMARY_FILE,
-    HEAD_GAP,
-    HEADS_PER_ROW,
-    attention_png_size,
+    attention_title,
     new_run_folder,
-    write_attention_png,
+    residual_title,
+    token_label,
+    write_attention_pictures,
 )
+from mlx_engine.demo.pictures import attention_layout, residual_norms
 from mlx_engine.loading import DEFAULT_MODEL_DIR
+from mlx_engine.wire.files import parse_tensor_key
 
-OUTPUT_FILES = (NEUROSCOPE_FILE, CAPTURE_FILE, SMALLTALK_FILE, RESIDUAL_PNG, ATTENTION_PNG, SUMMARY_FILE)
+OUTPUT_FILES = (NEUROSCOPE_FILE, CAPTURE_FILE, SMALLTALK_FILE, RESIDUAL_PNG, RESIDUAL_SVG, ATTENTION_PNG, ATTENTION_SVG, INDEX_FILE, SUMMARY_FILE)
 FOLDER_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 MAX_TOKENS = 12
-VIRIDIS_LOW, VIRIDIS_HIGH, MASKED = (68, 1, 84), (253, 231, 37), (40, 40, 40)
+SVG_NS = "{http://www.w3.org/2000/svg}"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -113,13 +121,15 @@ def test_safetensors_capture_equals_the_neuroscope_json(folder: Path, neuroscope
     user = json.loads(metadata["user_metadata"])
     assert json.loads(user["generated_token_ids"]) == neuroscope["generated_token_ids"]
     assert json.loads(user["prompt_tokens_text"]) == neuroscope["prompt_tokens"]
+    names = {parse_tensor_key(k)[:3]: k for k in tensors}  # type: ignore[index]
+    assert sorted(tensors) == sorted(tensors, key=lambda k: parse_tensor_key(k)[:3])  # type: ignore[index]  # names sort in step order
     compared = 0
     for hook_id, entries in neuroscope["activations"].items():
         chunk_of_step: dict[int, int] = {}
         for entry in entries:
             chunk = chunk_of_step.get(entry["step"], 0)
             chunk_of_step[entry["step"]] = chunk + 1
-            key = f"{hook_id}/step{entry['step']}/chunk{chunk}"
+            key = names[(hook_id, entry["step"], chunk)]
             stored = np.array(tensors.pop(key).astype(mx.float32))
             assert list(stored.shape) == entry["shape"], key
             assert json.loads(metadata[key])["positions"] == entry["positions"], key
@@ -130,37 +140,97 @@ def test_safetensors_capture_equals_the_neuroscope_json(folder: Path, neuroscope
     assert compared == len(neuroscope["activations"]) * MAX_TOKENS
 
 
-def test_residual_heatmap_is_layers_by_tokens_cells_coloured_by_the_norms(folder: Path, neuroscope: dict) -> None:
-    hooks = sorted((h for h in neuroscope["activations"] if h.endswith(".residual")), key=lambda h: int(h.split(".")[1]))
-    n = positions(neuroscope)
-    norms = np.zeros((len(hooks), n))
-    for row, hook_id in enumerate(hooks):
-        for entry in neuroscope["activations"][hook_id]:
-            start, stop = entry["positions"]
-            norms[row, start:stop] = np.linalg.norm(entry_array(entry), axis=-1)
-    image = Image.open(folder / RESIDUAL_PNG).convert("RGB")
-    assert image.size == (n * CELL, len(hooks) * CELL)
-    pixels = np.asarray(image)
-    lo = np.unravel_index(norms.argmin(), norms.shape)
-    hi = np.unravel_index(norms.argmax(), norms.shape)
-    assert tuple(pixels[lo[0] * CELL + CELL // 2, lo[1] * CELL + CELL // 2]) == VIRIDIS_LOW
-    assert tuple(pixels[hi[0] * CELL + CELL // 2, hi[1] * CELL + CELL // 2]) == VIRIDIS_HIGH
+def tokens_of(neuroscope: dict) -> list[str]:
+    return list(neuroscope["prompt_tokens"]) + list(neuroscope["generated_tokens"])
 
 
-def test_attention_picture_matches_the_captured_pattern(folder: Path, neuroscope: dict) -> None:
+def svg_texts(path: Path) -> list[str]:
+    """Every text run of an SVG (matplotlib writes text as <text> when svg.fonttype is 'none')."""
+    root = ET.parse(path).getroot()
+    return ["".join(t.itertext()) for t in root.iter(f"{SVG_NS}text")]
+
+
+def inked(region: np.ndarray) -> float:
+    """The share of a region's pixels that are not (near) white."""
+    return float((region.min(axis=-1) < 200).mean())
+
+
+def check_png_regions(path: Path) -> np.ndarray:
+    """The PNG opens, and its title strip, left labels, bottom labels and right colour bar hold ink."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    height, width, _ = pixels.shape
+    assert width > 300 and height > 200, (path.name, width, height)
+    regions = {
+        "title": pixels[: max(4, height // 25), width // 4 : 3 * width // 4],
+        "left labels": pixels[height // 5 : 4 * height // 5, : width // 20],
+        "bottom labels": pixels[-height // 6 :, width // 10 : 9 * width // 10],
+        "colour bar": pixels[height // 4 : 3 * height // 4, -width // 12 :],
+    }
+    for name, region in regions.items():
+        assert inked(region) > 0.005, f"{path.name}: the {name} region is blank"
+    assert len({tuple(c) for c in pixels.reshape(-1, 3)[:: max(1, pixels.size // 30000)]}) > 50, f"{path.name} is nearly one colour"
+    return pixels
+
+
+def test_residual_picture_has_its_labels_tokens_and_scale(folder: Path, neuroscope: dict) -> None:
+    pixels = check_png_regions(folder / RESIDUAL_PNG)
+    boundary_red = (np.abs(pixels - np.array([214, 39, 40])).sum(axis=-1) < 40).sum()
+    assert boundary_red > 50, "no prompt/generation boundary line"
+    texts = svg_texts(folder / RESIDUAL_SVG)
+    assert residual_title("default") in texts
+    assert {"layer", "token (position, left to right)", "‖residual‖₂ (log scale)", "generation →"} <= set(texts)
+    assert {"0", "1", "2", "3"} <= set(texts)  # layer numbers
+    labels = [token_label(t) for t in tokens_of(neuroscope)[: positions(neuroscope)]]
+    assert all(label in texts for label in labels), [label for label in labels if label not in texts][:5]
+    norms = residual_norms(neuroscope, [f"layers.{i}.residual" for i in range(4)])
+    assert {f"{norms.min():.3g}", f"{norms.max():.3g}"} <= set(texts)  # the colour bar runs from the smallest norm to the largest
+
+
+def test_attention_picture_has_heads_tokens_sinks_and_scale(folder: Path, neuroscope: dict, model_config: dict) -> None:
     (hook_id,) = [h for h in neuroscope["activations"] if h.endswith(".attention_pattern")]
     entries = neuroscope["activations"][hook_id]
-    heads = entries[0]["shape"][0]
-    n = positions(neuroscope)
     prompt = entry_array(entries[0])  # [heads, T, T] for the prompt
     assert np.all(np.triu(prompt, k=1) == 0), "a prompt position attends to a later one"
     for entry in entries:
         rows = entry_array(entry).sum(axis=-1)
         assert np.all((rows >= 0) & (rows <= 1 + 1e-5)), entry["step"]  # sink mass is excluded
-    image = Image.open(folder / ATTENTION_PNG).convert("RGB")
-    assert image.size == attention_png_size(heads, n)
-    pixels = np.asarray(image)
-    assert tuple(pixels[0, (n - 1) * ATTENTION_CELL + 1]) == MASKED  # head 0, query 0 cannot see the last key
+    check_png_regions(folder / ATTENTION_PNG)
+    texts = svg_texts(folder / ATTENTION_SVG)
+    layer = int(hook_id.split(".")[1])
+    heads = entries[0]["shape"][0]
+    (title,) = [t for t in texts if t.startswith(attention_title(layer, model_config["layer_types"][layer]))]
+    assert "rows exclude the sink's share (sink share = 1 − row sum)" in title
+    assert {f"head {h}" for h in range(heads)} | {"key token", "query token", "attention probability (square-root scale)"} <= set(texts)
+    labels = {token_label(t) for t in tokens_of(neuroscope)[: positions(neuroscope)]}
+    assert labels <= set(texts)
+
+
+def test_index_page_shows_the_run_from_disk(folder: Path, neuroscope: dict) -> None:
+    class Links(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refs: list[str] = []
+            self.values: list[float] = []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            found = dict(attrs)
+            self.refs += [found[a] for a in ("src", "href") if a in found]
+            if "data-value" in found:
+                self.values.append(float(found["data-value"]))
+
+    page = (folder / INDEX_FILE).read_text(encoding="utf-8")
+    parser = Links()
+    parser.feed(page)
+    assert parser.refs and all("/" not in ref and ":" not in ref for ref in parser.refs), parser.refs
+    assert all((folder / ref).is_file() for ref in parser.refs), parser.refs
+    assert {RESIDUAL_SVG, ATTENTION_SVG, SUMMARY_FILE, CAPTURE_FILE} <= set(parser.refs)
+    last = max(int(h.split(".")[1]) for h in neuroscope["activations"] if h.endswith(".residual"))
+    norms = np.zeros(positions(neuroscope))
+    for entry in neuroscope["activations"][f"layers.{last}.residual"]:
+        start, stop = entry["positions"]
+        norms[start:stop] = np.linalg.norm(entry_array(entry), axis=-1)
+    np.testing.assert_allclose(parser.values, norms, rtol=1e-12)  # one coloured token per position with activations
+    assert html.escape(neuroscope["generated_tokens"][0]) in page and re.search(r"http://127\.0\.0\.1:\d+/ui/", page)
 
 
 def test_summary_describes_every_file_and_the_run(folder: Path, neuroscope: dict) -> None:
@@ -169,8 +239,9 @@ def test_summary_describes_every_file_and_the_run(folder: Path, neuroscope: dict
         assert name in summary, name
     for hook_id in neuroscope["activations"]:
         assert f"`{hook_id}`" in summary
-    assert f"{CELL} x {CELL}" in summary
-    assert f"{positions(neuroscope) * CELL} pixels wide" in summary
+    assert residual_title("default") in summary and "colour bar" in summary
+    assert re.search(r"Its viewer was at http://127\.0\.0\.1:\d+/ui/ while the demo ran", summary)
+    assert "each row excludes the sink's share" in summary
     assert str((folder / CAPTURE_FILE).stat().st_size) in summary
     assert "Same generated tokens on both paths: yes" in summary
 
@@ -190,15 +261,17 @@ def test_folder_names_never_collide(tmp_path: Path) -> None:
 
 
 def test_many_heads_wrap_into_rows(tmp_path: Path) -> None:
-    """A 64-head layer (gpt-oss-20b) is drawn as 8 rows of 8 squares, not one 64-square strip."""
+    """A 64-head layer (gpt-oss-20b) is drawn as 8 rows of 8 panels, not one 64-panel strip."""
     n, heads = 5, 64
     probs = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]
-    write_attention_png(np.broadcast_to(probs, (heads, n, n)).copy(), tmp_path / "a.png")
-    side = n * ATTENTION_CELL
-    per_row = HEADS_PER_ROW
-    expected = (per_row * side + (per_row - 1) * HEAD_GAP, (heads // per_row) * side + (heads // per_row - 1) * HEAD_GAP)
-    assert attention_png_size(heads, n) == expected
-    assert Image.open(tmp_path / "a.png").size == expected
+    grid = np.where(np.tril(np.ones((n, n))) > 0, probs, np.nan)
+    tokens = ["a", " b", "\n", "c", "d"]
+    sinks = write_attention_pictures(np.broadcast_to(grid, (heads, n, n)).copy(), tokens, 3, 7, None, tmp_path / "a.png", tmp_path / "a.svg")
+    assert attention_layout(heads) == (8, 8) and attention_layout(4) == (2, 2)
+    assert not sinks  # rows sum to 1: no sink, and the title says so
+    texts = svg_texts(tmp_path / "a.svg")
+    assert {"head 0", "head 63"} <= set(texts) and any("rows sum to 1 (no attention sink)" in t for t in texts)
+    assert Image.open(tmp_path / "a.png").size[0] > 1000
 
 
 def test_missing_model_fails_with_exit_code_2_and_no_traceback(tmp_path: Path) -> None:

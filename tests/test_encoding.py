@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from typing import Any, Optional
@@ -12,7 +13,7 @@ import pytest
 import safetensors
 
 from mlx_engine.wire.codec import EncodingError, decode_capture, decode_capture_extras, encode_capture
-from mlx_engine.wire.files import captures_to_safetensors, safetensors_to_captures
+from mlx_engine.wire.files import captures_to_safetensors, parse_tensor_key, safetensors_to_captures
 from mlx_engine.hooks.capture import Capture
 
 WIRE_KEYS = {
@@ -209,12 +210,12 @@ def test_safetensors_round_trip_keeps_values_metadata_and_order() -> None:
 
     # Any safetensors reader sees standard tensors, bfloat16 stored as BF16.
     tensors = dict(safetensors.deserialize(blob))
-    assert tensors["embedding/step0/chunk0"]["dtype"] == "BF16"
-    assert tensors["embedding/step0/chunk1"]["shape"] == [2, 8]
-    assert tensors["embedding/step1/chunk0"]["dtype"] == "F16"
-    assert "layers.2.router/step1/chunk0/experts" in tensors
+    assert tensors["embedding/step000000/chunk0000"]["dtype"] == "BF16"
+    assert tensors["embedding/step000000/chunk0001"]["shape"] == [2, 8]
+    assert tensors["embedding/step000001/chunk0000"]["dtype"] == "F16"
+    assert "layers.2.router/step000001/chunk0000/experts" in tensors
     header = safetensors_header(blob)["__metadata__"]
-    assert json.loads(header["embedding/step0/chunk1"])["positions"] == [4, 6]
+    assert json.loads(header["embedding/step000000/chunk0001"])["positions"] == [4, 6]
 
     loaded, metadata = safetensors_to_captures(blob)
     assert metadata == {"model": "tiny-llama", "prompt": "hi"}
@@ -229,6 +230,29 @@ def test_safetensors_round_trip_keeps_values_metadata_and_order() -> None:
             for name in want.extras:
                 assert got.extras[name].dtype == want.extras[name].dtype
                 assert mx.array_equal(got.extras[name], want.extras[name]).item()
+
+
+def test_safetensors_names_sort_in_step_order_and_old_names_still_read() -> None:
+    """Zero-padded step and chunk numbers sort as numbers; files written unpadded read back the same."""
+    captures = [make_capture(mx.full((1, 2), float(step)), "mlp", layer=0, step=step, positions=(step, step + 1)) for step in range(12)]
+    blob = captures_to_safetensors({"layers.0.mlp": captures})
+    names = [n for n in dict(safetensors.deserialize(blob))]
+    assert sorted(names) == [f"layers.0.mlp/step{s:06d}/chunk0000" for s in range(12)]
+    assert parse_tensor_key("layers.0.mlp/step000011/chunk0002/experts") == ("layers.0.mlp", 11, 2, "experts")
+    assert parse_tensor_key("layers.0.mlp/step11/chunk2") == ("layers.0.mlp", 11, 2, None)
+    arrays, header = mx.load(io.BytesIO(blob), format="safetensors", return_metadata=True)
+    def unpadded(name: str) -> str:
+        parsed = parse_tensor_key(name)
+        return name if parsed is None else f"{parsed[0]}/step{parsed[1]}/chunk{parsed[2]}" + (f"/{parsed[3]}" if parsed[3] else "")
+
+    old = {unpadded(k): v for k, v in arrays.items()}
+    old_header = {unpadded(k): v for k, v in header.items()}
+    assert "layers.0.mlp/step10/chunk0" in old and "layers.0.mlp/step1/chunk0" in old
+    buffer = io.BytesIO()
+    mx.save_safetensors(buffer, old, metadata=old_header)
+    loaded, _ = safetensors_to_captures(buffer.getvalue())
+    assert [c.step for c in loaded["layers.0.mlp"]] == list(range(12))
+    assert [float(c.array[0, 0].item()) for c in loaded["layers.0.mlp"]] == [float(s) for s in range(12)]
 
 
 def test_safetensors_rejects_a_capture_filed_under_another_hook() -> None:

@@ -142,7 +142,9 @@ def test_every_example_is_run_by_a_test() -> None:
 def test_basic_capture_rows_match_run_with_cache(kit, example: Path) -> None:
     out = run_example(example).stdout
     n_layers = kit.arch_info.num_layers
-    rows = [floats(line)[-n_layers:] for line in out.splitlines() if line.strip()]
+    header, *lines = [line for line in out.splitlines() if line.strip()]
+    assert header.split() == ["token"] + [w for i in range(n_layers) for w in ("layer", str(i))], header
+    rows = [floats(line)[-n_layers:] for line in lines]
     assert 1 <= len(rows) <= 16 and all(len(r) == n_layers for r in rows), out
     assert all(0 < v < 1e4 for r in rows for v in r), out
     # The first token comes with the prompt's captures: its row is the prompt's last position.

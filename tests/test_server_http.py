@@ -31,6 +31,8 @@ from mlx_engine.wire.files import safetensors_to_captures
 KEY = "sk-test-7f3a"
 ORIGIN = "http://localhost:5173"
 MAX_TOKENS_LIMIT = 4096
+CONTEXT = 1024  # the tiny llama's max_position_embeddings: a prompt plus max_tokens must fit
+LONG_RUN = CONTEXT - 100  # max_tokens of a generation that runs long but fits beside a short prompt
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -453,7 +455,7 @@ def test_capture_over_budget_is_refused_before_generating(http):
     before = engine_when_idle(http)
     stored = http("GET", "/v1/activations/captures").json()["data"]
     r = http("POST", "/v1/chat/completions/with_activations", json={
-        "messages": USER, "max_tokens": MAX_TOKENS_LIMIT, "stream": True,
+        "messages": USER, "max_tokens": LONG_RUN, "stream": True,
         "activation_hooks": [{"layer_name": i, "component": "attention_scores"} for i in range(3)],
     })
     assert r.status_code == 413
@@ -513,7 +515,7 @@ def test_events_arrive_while_generation_is_still_running(server, http, model_id)
 def test_disconnected_stream_stops_generating_and_frees_the_model(server, http, model_id, client):
     before = engine_when_idle(http)["engine"]
     stream = RawSSE(server.url, "/v1/completions", {"model": model_id, "prompt": "import json",
-                                                     "max_tokens": MAX_TOKENS_LIMIT, "stream": True})
+                                                     "max_tokens": LONG_RUN, "stream": True})
     events = stream.events()
     for _ in range(3):
         next(events)
@@ -637,7 +639,9 @@ BAD_INPUTS = [
     ("POST", "/v1/chat/completions", chat(activation_hooks=[{"layer_name": 0}]), 400, "activation_hooks[0]", "invalid_hook"),
     ("POST", "/v1/chat/completions", chat(activation_hooks=[{"layer_name": 0, "component": "router"}]), 400, "activation_hooks[0]", "invalid_hook"),
     ("POST", "/v1/chat/completions", chat(activation_hooks=[{"layer_name": 0, "component": "mlp"}], activation_format="xml"), 400, "activation_format", "invalid_value"),
-    ("POST", "/v1/chat/completions/with_activations", chat(max_tokens=MAX_TOKENS_LIMIT, activation_hooks=ALL_LAYERS_SCORES), 413, "activation_hooks", "capture_budget_exceeded"),
+    ("POST", "/v1/chat/completions/with_activations", chat(max_tokens=LONG_RUN, activation_hooks=ALL_LAYERS_SCORES), 413, "activation_hooks", "capture_budget_exceeded"),
+    ("POST", "/v1/chat/completions", chat(max_tokens=MAX_TOKENS_LIMIT), 400, "messages", "context_length_exceeded"),
+    ("POST", "/v1/completions", {"prompt": [1] * CONTEXT, "max_tokens": 1}, 400, "prompt", "context_length_exceeded"),
     ("POST", "/v1/completions", {"prompt": []}, 400, "prompt", "invalid_value"),
     ("POST", "/v1/completions", {"prompt": [99999], "max_tokens": 2}, 400, "prompt", None),
     ("POST", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "invalid_value"),

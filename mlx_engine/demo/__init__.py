@@ -4,7 +4,8 @@ It loads a model, serves it on a free loopback port, asks it one question throug
 official OpenAI client and the same question again as a stream through the NeuroScope
 bridge, and leaves a new folder a newcomer can open: the capture as safetensors and as
 NeuroScope JSON, the Smalltalk client for that server, two pictures drawn from the
-captured numbers, and a summary describing every file. Every figure in the folder is
+captured numbers (PNG and SVG), a static page of the run's views (index.html) and a
+summary describing every file. Every figure in the folder is
 read back from what the server returned; nothing is made up for the occasion.
 
 Both requests use greedy decoding, so they must produce the same tokens and the same
@@ -17,14 +18,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Layout (file names, hooks), pictures, the flow (run) and the summary, each its own module;
-# names are imported on first use so `mlx-engine --help` does not load numpy or Pillow.
+# Layout (file names, hooks), pictures, the page, the flow (run) and the summary, each its own module;
+# names are imported on first use so `mlx-engine --help` does not load numpy or matplotlib.
 _EXPORTS = {
-    "ATTENTION_PNG": "layout", "CAPTURE_FILE": "layout", "NEUROSCOPE_FILE": "layout", "RESIDUAL_PNG": "layout",
-    "SMALLTALK_FILE": "layout", "SUMMARY_FILE": "layout", "DemoHooks": "layout", "choose_hooks": "layout",
-    "new_run_folder": "layout", "ATTENTION_CELL": "pictures", "CELL": "pictures", "HEAD_GAP": "pictures",
-    "HEADS_PER_ROW": "pictures", "attention_png_size": "pictures", "write_attention_png": "pictures",
-    "write_residual_png": "pictures", "demo": "run", "DemoRun": "summary",
+    "ATTENTION_PNG": "layout", "ATTENTION_SVG": "layout", "CAPTURE_FILE": "layout", "INDEX_FILE": "layout",
+    "NEUROSCOPE_FILE": "layout", "RESIDUAL_PNG": "layout", "RESIDUAL_SVG": "layout", "SMALLTALK_FILE": "layout",
+    "SUMMARY_FILE": "layout", "DemoHooks": "layout", "choose_hooks": "layout", "new_run_folder": "layout",
+    "attention_title": "pictures", "residual_title": "pictures", "token_label": "pictures",
+    "write_attention_pictures": "pictures", "write_residual_pictures": "pictures", "write_index": "index_page",
+    "demo": "run", "DemoRun": "summary",
 }
 __all__ = sorted(_EXPORTS)
 

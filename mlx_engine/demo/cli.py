@@ -8,7 +8,8 @@ from .layout import DEFAULT_MAX_TOKENS, DEFAULT_OUT_ROOT, DEFAULT_PROMPT
 
 DESCRIPTION = """Serve a model on a free loopback port, ask it one question through the official OpenAI
 client and again as a stream through the NeuroScope bridge, and write a new folder with the
-capture (safetensors and NeuroScope JSON), the Smalltalk client, two pictures and a summary."""
+capture (safetensors and NeuroScope JSON), the Smalltalk client, two pictures (PNG and SVG), a static
+page of the views (index.html) and a summary."""
 
 
 def _run(args: argparse.Namespace) -> int:

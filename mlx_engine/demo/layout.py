@@ -18,8 +18,11 @@ NEUROSCOPE_FILE = "neuroscope.json"
 CAPTURE_FILE = "capture.safetensors"
 SMALLTALK_FILE = "NeuroScopeMLXClient.st"
 RESIDUAL_PNG = "residual_norm.png"
+RESIDUAL_SVG = "residual_norm.svg"
 ATTENTION_PNG = "attention_pattern.png"
+ATTENTION_SVG = "attention_pattern.svg"
 SUMMARY_FILE = "summary.md"
+INDEX_FILE = "index.html"
 
 
 # ----------------------------------------------------------------------------- hooks

@@ -23,20 +23,24 @@ from .layout import (
     DEFAULT_OUT_ROOT,
     DEFAULT_PROMPT,
     ATTENTION_PNG,
+    ATTENTION_SVG,
     CAPTURE_FILE,
     NEUROSCOPE_FILE,
     RESIDUAL_PNG,
+    RESIDUAL_SVG,
     SMALLTALK_DIALECT,
     SMALLTALK_FILE,
     SUMMARY_FILE,
+    INDEX_FILE,
     choose_hooks,
     new_run_folder,
 )
+from .index_page import write_index
 from .pictures import (
     attention_grid,
     residual_norms,
-    write_attention_png,
-    write_residual_png,
+    write_attention_pictures,
+    write_residual_pictures,
 )
 from .summary import DemoRun, write_summary
 
@@ -83,6 +87,9 @@ def serving(target: str, model_id: str) -> Iterator[str]:
         thread.start()
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
+        # Let the worker threads finish their last responses first: a task that ends after
+        # close() finds waitress's wake-up pipe closed and prints a traceback.
+        server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
         server.close()
         if thread.is_alive():
             thread.join(timeout=10)
@@ -206,12 +213,17 @@ def demo(
     (folder / SMALLTALK_FILE).write_text(source, encoding="utf-8")
 
     norms = residual_norms(neuroscope, hooks.residual)
-    scale = write_residual_png(norms, folder / RESIDUAL_PNG)
+    tokens = list(neuroscope["prompt_tokens"]) + list(neuroscope["generated_tokens"])
+    n_prompt = len(neuroscope["prompt_tokens"])
+    scale = write_residual_pictures(norms, tokens, n_prompt, model_id, folder / RESIDUAL_PNG, folder / RESIDUAL_SVG)
     pattern_shape = None
+    sinks = False
     if hooks.pattern is not None:
         layer = hook_points["layers"][hooks.pattern_layer]
         grid = attention_grid(neuroscope["activations"][hooks.pattern], layer.get("window"))
-        write_attention_png(grid, folder / ATTENTION_PNG)
+        sinks = write_attention_pictures(
+            grid, tokens, n_prompt, hooks.pattern_layer, hooks.pattern_layer_type, folder / ATTENTION_PNG, folder / ATTENTION_SVG
+        )
         pattern_shape = grid.shape
     timings["write files"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -232,7 +244,20 @@ def demo(
         residual_scale=scale,
         norms=norms,
         pattern_shape=pattern_shape,
+        pattern_sinks=sinks,
         timings=timings,
+    )
+    write_index(
+        folder,
+        model=model_id,
+        viewer_url=run.viewer_url,
+        prompt=prompt,
+        text=run.text,
+        reasoning=run.reasoning,
+        tokens=tokens,
+        n_prompt=n_prompt,
+        norms=norms,
+        pattern=None if hooks.pattern is None else (hooks.pattern_layer, hooks.pattern_layer_type, sinks),
     )
     write_summary(run)
     return run
@@ -252,6 +277,7 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"hooks:     {', '.join(run.hooks.all_ids)}")
     for p in sorted(run.folder.iterdir()):
         print(f"  {p.name:<26} {p.stat().st_size:>10} bytes")
-    print(f"finished in {run.timings['total']:.1f} s; open {SUMMARY_FILE} first. Output folder:")
+    print(f"viewer:    {run.viewer_url} while the demo ran; `mlx-engine serve` and http://127.0.0.1:8080/ui/ explore live")
+    print(f"finished in {run.timings['total']:.1f} s; open {SUMMARY_FILE} (or {INDEX_FILE} in a browser) first. Output folder:")
     print(run.folder)
     return 0

@@ -14,25 +14,21 @@ from typing import Any, Optional
 import numpy as np
 
 from ..wire.codec import decode_capture
+from ..wire.files import parse_tensor_key
 from .layout import (
     ATTENTION_PNG,
+    ATTENTION_SVG,
     CAPTURE_FILE,
+    INDEX_FILE,
     NEUROSCOPE_FILE,
     RESIDUAL_PNG,
+    RESIDUAL_SVG,
     SMALLTALK_DIALECT,
     SMALLTALK_FILE,
     SUMMARY_FILE,
     DemoHooks,
 )
-from .pictures import (
-    ATTENTION_CELL,
-    CELL,
-    HEAD_GAP,
-    HEADS_PER_ROW,
-    ResidualScale,
-    attention_layout,
-    attention_png_size,
-)
+from .pictures import ResidualScale, attention_layout, attention_title, residual_title
 
 # ----------------------------------------------------------------------------- files described
 
@@ -106,7 +102,13 @@ class DemoRun:
     residual_scale: ResidualScale
     norms: np.ndarray
     pattern_shape: Optional[tuple[int, int, int]]
+    pattern_sinks: bool = False  # the pattern's rows sum to less than 1: a sink took the rest
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def viewer_url(self) -> str:
+        """The viewer of the demo's server (live only while the demo runs)."""
+        return f"{self.base_url}/ui/"
 
     @property
     def text(self) -> str:
@@ -152,7 +154,9 @@ def write_summary(run: DemoRun) -> Path:
         f"Model `{run.model_id}`{'' if run.source == run.model_id else f' (from `{run.source}`)'}: {hp.get('model_type')}, {hp['num_layers']} layers, "
         f"d_model {hp.get('d_model')}, {hp.get('n_heads')} attention heads ({hp.get('n_kv_heads')} key/value heads), "
         f"native implementation: {hp.get('native')}.",
-        f"Served by a real mlx-engine server at {run.base_url} (a free loopback port; the server stopped when the demo ended).",
+        f"Served by a real mlx-engine server at {run.base_url} (a free loopback port; the server stopped when the demo ended). "
+        f"Its viewer was at {run.viewer_url} while the demo ran; `mlx-engine serve` and http://127.0.0.1:8080/ui/ give the same "
+        f"views live, for any prompt. {INDEX_FILE} shows this run's views offline, in a browser.",
         "",
         "## The request",
         "",
@@ -211,9 +215,19 @@ def write_summary(run: DemoRun) -> Path:
         "or point it elsewhere with `baseUrl:`.",
         "",
     ]
-    lines += _residual_section(run, size[RESIDUAL_PNG])
-    lines += _attention_section(run, size.get(ATTENTION_PNG))
-    lines += [f"### {SUMMARY_FILE}", "", "This file.", ""]
+    lines += _residual_section(run, size[RESIDUAL_PNG], size[RESIDUAL_SVG])
+    lines += _attention_section(run, size.get(ATTENTION_PNG), size.get(ATTENTION_SVG))
+    lines += [
+        f"### {INDEX_FILE} ({size[INDEX_FILE]} bytes)",
+        "",
+        "The same views as a static page that opens from disk (relative links only, no script): the tokens coloured by "
+        "the last layer's residual norm, both pictures (as SVG) and the numbers per position.",
+        "",
+        f"### {SUMMARY_FILE}",
+        "",
+        "This file.",
+        "",
+    ]
     lines += _token_table(run)
     if run.timings:
         lines += ["## Timings", ""]
@@ -250,7 +264,7 @@ def _capture_section(path: Path, hooks: DemoHooks) -> list[str]:
         f"### {CAPTURE_FILE} ({path.stat().st_size} bytes)",
         "",
         f"The whole capture as the server stored it, downloaded from `GET /v1/activations/captures/{user.get('capture_id')}`: "
-        f"{len(header)} tensors named `{{hook_id}}/step{{step}}/chunk{{i}}`, each tensor's wire metadata as JSON in the "
+        f"{len(header)} tensors named `{{hook_id}}/step{{step:06d}}/chunk{{i:04d}}` (zero-padded, so names sort in step order), each tensor's wire metadata as JSON in the "
         f"header, and `user_metadata` holding {', '.join(f'`{k}`' for k in user)}. It holds the same values as "
         f"{NEUROSCOPE_FILE}.",
         "",
@@ -258,7 +272,8 @@ def _capture_section(path: Path, hooks: DemoHooks) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for hook_id in hooks.all_ids:
-        names = sorted((n for n in header if n.startswith(hook_id + "/")), key=lambda n: int(n.split("/")[1][4:]))
+        keys = {n: parse_tensor_key(n) for n in header if n.startswith(hook_id + "/")}
+        names = sorted((n for n, k in keys.items() if k is not None and k[3] is None), key=lambda n: keys[n][1:3])  # type: ignore[index]
         dtypes = sorted({header[n]["dtype"] for n in names})
         nbytes = sum(header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in names)
         shapes = [header[n]["shape"] for n in names]
@@ -269,42 +284,48 @@ def _capture_section(path: Path, hooks: DemoHooks) -> list[str]:
     return lines + [""]
 
 
-def _residual_section(run: DemoRun, nbytes: int) -> list[str]:
+def _residual_section(run: DemoRun, png_bytes: int, svg_bytes: int) -> list[str]:
     layers, positions = run.norms.shape
     means = ", ".join(f"layer {i}: {m:.3g}" for i, m in enumerate(run.norms.mean(axis=1)))
     return [
-        f"### {RESIDUAL_PNG} ({nbytes} bytes, {positions * CELL} x {layers * CELL} pixels)",
+        f"### {RESIDUAL_PNG} ({png_bytes} bytes) and {RESIDUAL_SVG} ({svg_bytes} bytes)",
         "",
-        f"The L2 norm of the residual stream (each layer's block output) per layer and token position: one "
-        f"{CELL} x {CELL} pixel cell each, so the image is positions x {CELL} = {positions * CELL} pixels wide and "
-        f"layers x {CELL} = {layers * CELL} pixels high. Rows are layers, layer 0 at the top and layer {layers - 1} at "
-        f"the bottom; columns are token positions 0 to {positions - 1}, left to right (the token table below names "
-        "them). Colour is viridis on a logarithmic scale shared by all layers: dark purple is the smallest norm "
-        f"({run.residual_scale.low:.4g}), yellow the largest ({run.residual_scale.high:.4g}).",
+        f"\"{residual_title(run.model_id)}\": the L2 norm of the residual stream (each layer's block output) per layer "
+        f"and token position, a heatmap with layer numbers 0 to {layers - 1} down the side (layer 0 at the top) and the "
+        f"{positions} token strings along the bottom, position 0 at the left (the token table below numbers them). A red "
+        f"line marks where generation starts (before position {len(run.neuroscope['prompt_tokens'])}). Colour is viridis on "
+        f"a logarithmic scale shared by all layers, with its colour bar: dark purple is the smallest norm "
+        f"({run.residual_scale.low:.4g}), yellow the largest ({run.residual_scale.high:.4g}). The SVG is the same figure "
+        "with its text as text.",
         "",
         f"Mean norm per layer: {means}.",
         "",
     ]
 
 
-def _attention_section(run: DemoRun, nbytes: Optional[int]) -> list[str]:
-    if run.pattern_shape is None or nbytes is None:
+def _attention_section(run: DemoRun, png_bytes: Optional[int], svg_bytes: Optional[int]) -> list[str]:
+    if run.pattern_shape is None or png_bytes is None:
         return [f"### {ATTENTION_PNG}", "", "Not written: the model offers no attention_pattern hook point.", ""]
     heads, n, _ = run.pattern_shape
-    width, height = attention_png_size(heads, n)
-    _, rows = attention_layout(heads)
+    columns, rows = attention_layout(heads)
+    sinks = (
+        "This model has attention sinks: each row excludes the sink's share, so rows sum to less than 1, and the "
+        "sink's share of a row is 1 - its sum (the figure says so in its title)."
+        if run.pattern_sinks
+        else "Rows sum to 1: no sink takes a share."
+    )
     return [
-        f"### {ATTENTION_PNG} ({nbytes} bytes, {width} x {height} pixels)",
+        f"### {ATTENTION_PNG} ({png_bytes} bytes) and {ATTENTION_SVG} ({svg_bytes} bytes)",
         "",
-        f"The attention pattern (softmax probabilities, sink mass excluded) of layer {run.hooks.pattern_layer} "
-        f"(`{run.hooks.pattern}`, {run.hooks.pattern_layer_type}), every head shown separately (no averaging): {heads} "
-        f"squares in {rows} row(s) of up to {HEADS_PER_ROW}, head 0 at the top left and numbered left to right, then "
-        f"top to bottom, {HEAD_GAP} white pixels between heads. In each square, row q is the query at position q (top "
-        f"to bottom) and column k the key at position k (left to right), {n} x {n} positions of "
-        f"{ATTENTION_CELL} x {ATTENTION_CELL} pixels. The prompt's rows come from step 0, each later row from the "
-        "step that generated the next token; columns are placed by the capture's `key_positions`. Colour is viridis of "
-        "the square root of the probability (dark purple 0, yellow 1); dark grey marks keys the mask hides from the "
-        "query (later positions, and positions outside a sliding window), whose probability is 0 by construction.",
+        f"\"{attention_title(run.hooks.pattern_layer, run.hooks.pattern_layer_type)}\": the attention pattern (softmax "
+        f"probabilities) of layer {run.hooks.pattern_layer} (`{run.hooks.pattern}`), every head in its own panel (no "
+        f"averaging), titled head 0 to head {heads - 1}, {columns} per row in {rows} row(s). In each panel row q is the "
+        f"query at position q (top to bottom) and column k the key at position k (left to right), {n} x {n} positions "
+        "labelled with their token strings; red lines mark where generation starts. The prompt's rows come from step 0, "
+        "each later row from the step that generated the next token; columns are placed by the capture's "
+        "`key_positions`. Colour is viridis of the probability on a square-root scale (its colour bar is labelled in "
+        "probabilities); grey marks keys the mask hides from the query (later positions, and positions outside a "
+        f"sliding window). {sinks}",
         "",
     ]
 

@@ -9,7 +9,7 @@ request fails without generating.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -52,6 +52,7 @@ def create_generator_with_activations(
     interventions: Optional[Iterable[InterventionRequest]] = None,
     capture_budget_bytes: Optional[int] = None,
     sources: Optional[Mapping[str, Any]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
     **generation_kwargs: Any,
 ) -> Iterator[tuple[GenerationResult, StepActivations]]:
     """Stream (result, activations) pairs; activations maps hook id to this step's captures.
@@ -62,13 +63,15 @@ def create_generator_with_activations(
     value, and a capture at the edited hook itself sees it "after" the edit unless its spec
     says `"edit": "before"`. `sources` maps a `capture_id` to a stored capture. Captures are
     evaluated together with the step's logits; nothing is kept after a step is handed out.
+    `should_stop` is asked between prefill chunks; True ends the prefill with
+    GenerationCancelled (a server whose client left stops within one chunk).
     """
     sampling, stop = _sampling(generation_kwargs)
     hooks = resolve_hooks(kit.arch_info, kit.native, activation_hooks)
     edits = _bound(kit, interventions, len(prompt_tokens), sampling.max_tokens, sources)
     if capture_budget_bytes is not None:
         check_budget(kit.arch_info, hooks, len(prompt_tokens), sampling.max_tokens, kit.activation_itemsize, capture_budget_bytes)
-    return _generate(kit, prompt_tokens, hooks, edits, sampling, stop)
+    return _generate(kit, prompt_tokens, hooks, edits, sampling, stop, should_stop)
 
 
 def _generate(
@@ -78,12 +81,13 @@ def _generate(
     edits: list[BoundIntervention],
     sampling: Sampling,
     stop: tuple[str, ...],
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> Iterator[tuple[GenerationResult, StepActivations]]:
     session = HookSession(kit.hook_points, hooks, edits)
     session.arm()
     try:
         text = TextStream(kit.tokenizer.detokenizer, kit.eos_token_ids, stop, sampling.max_tokens)
-        for step in token_steps(kit, prompt_tokens, session, sampling):
+        for step in token_steps(kit, prompt_tokens, session, sampling, should_stop):
             piece, finish = text.push(step.token, step.step)
             result = GenerationResult(
                 text=piece,

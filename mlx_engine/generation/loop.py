@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -59,6 +59,19 @@ class Sampling:
     prefill_step_size: int = DEFAULT_PREFILL_STEP
 
 
+class GenerationCancelled(Exception):
+    """`should_stop` said stop between two prefill chunks: the rest of the prompt never ran.
+
+    A long prompt is many chunks; checking between them lets a caller whose client left
+    free the device within one chunk instead of after the whole prefill.
+    """
+
+    def __init__(self, done_tokens: int, prompt_tokens: int) -> None:
+        super().__init__(f"generation cancelled after prefilling {done_tokens} of {prompt_tokens} prompt tokens")
+        self.done_tokens = done_tokens
+        self.prompt_tokens = prompt_tokens
+
+
 def check_prompt(prompt_tokens: Sequence[int], max_tokens: int, vocab_size: int) -> None:
     if len(prompt_tokens) == 0:
         raise ValueError("The prompt is empty: give at least one token.")
@@ -78,8 +91,18 @@ def group_captures(captures: list[Capture]) -> StepActivations:
     return grouped
 
 
-def token_steps(kit: ModelKit, prompt_tokens: Sequence[int], recorder: PassRecorder, sampling: Sampling) -> Iterator[TokenStep]:
-    """Generate up to `sampling.max_tokens` tokens; `recorder` brackets each forward pass."""
+def token_steps(
+    kit: ModelKit,
+    prompt_tokens: Sequence[int],
+    recorder: PassRecorder,
+    sampling: Sampling,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> Iterator[TokenStep]:
+    """Generate up to `sampling.max_tokens` tokens; `recorder` brackets each forward pass.
+
+    `should_stop` is asked before each prefill chunk; when it answers True the prefill
+    stops there with GenerationCancelled.
+    """
     model = kit.model
     s = sampling
     check_prompt(prompt_tokens, s.max_tokens, kit.arch_info.vocab_size)
@@ -123,6 +146,8 @@ def token_steps(kit: ModelKit, prompt_tokens: Sequence[int], recorder: PassRecor
     # Step 0: the prompt, in chunks; only the last chunk's logits choose a token.
     step0: list[Capture] = []
     for start in range(0, n_prompt, s.prefill_step_size):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled(start, n_prompt)
         logits, captures = forward(prompt[start : start + s.prefill_step_size], 0, start)
         step0.extend(captures)
         if start + s.prefill_step_size < n_prompt:

@@ -6,7 +6,7 @@ cover every pass: the prompt, then one position per generated token but the last
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from .architecture import ArchitectureInfo
 from .components import KEYED_COMPONENTS, elements_per_position
@@ -35,6 +35,18 @@ class CaptureBudgetError(ValueError):
 # Arrays of [H, C, S] float32 the explicit attention path holds at once (scores, exponentials, probabilities).
 EXPLICIT_ATTENTION_ARRAYS = 3
 PREFILL_CHUNK = 512
+# A response also holds its captures encoded. JSON writes each value as the shortest decimal
+# that round-trips it as a float64: at most 24 characters with its comma ("-1.1754942106924411e-38,").
+JSON_BYTES_PER_ELEMENT = 24
+
+
+def encoded_bytes(elements: int, itemsize: int, encoding: Optional[str]) -> int:
+    """Bytes of `elements` values of `itemsize` bytes in a response's activation_format."""
+    if encoding == "json":
+        return elements * JSON_BYTES_PER_ELEMENT
+    if encoding == "base64":
+        return 4 * -(-elements * itemsize // 3)
+    return 0  # "none", or no response at all (the Python API)
 
 
 def _kept_rows(r: ResolvedHook, prompt_len: int, max_tokens: int, chunk: int) -> list[int]:
@@ -55,12 +67,14 @@ def capture_bytes(
     max_tokens: int,
     itemsize: int,
     chunk: int = PREFILL_CHUNK,
+    encoding: Optional[str] = None,
 ) -> int:
     """Bytes the resolved hooks hold over a prompt pass and max_tokens - 1 decode passes.
 
     Kept bytes, plus the transient memory of the explicit attention path where scores or
     patterns are armed: it materialises [n_heads, chunk, keys] float32 arrays whatever
     subset of rows is kept, and it is the largest single allocation of such a request.
+    With `encoding` (a response's activation_format) the encoded copy counts too.
     """
     total = 0
     transient = 0
@@ -71,20 +85,28 @@ def capture_bytes(
             window = info.window_of(r.layer)
             # A prompt row sees up to the whole prompt (its chunk's keys); a decode row its position + 1.
             keys = [min(prompt_len if p < prompt_len else p + 1, window or p + prompt_len + 1) for p in rows]
-            total += info.n_heads * sum(keys) * max(size, KEYED_ITEMSIZE if r.dtype is None else size)
+            elements, size = info.n_heads * sum(keys), max(size, KEYED_ITEMSIZE if r.dtype is None else size)
             widest = min(prompt_len, window or prompt_len)
             transient = max(transient, EXPLICIT_ATTENTION_ARRAYS * info.n_heads * min(chunk, prompt_len) * widest * KEYED_ITEMSIZE)
         else:
             features = len(r.indices) if r.indices is not None else None
-            total += len(rows) * elements_per_position(info, r.component, features) * size
+            elements = len(rows) * elements_per_position(info, r.component, features)
+        total += elements * size + encoded_bytes(elements, size, encoding)
     return total + transient
 
 
 def check_budget(
-    info: ArchitectureInfo, resolved: Sequence[ResolvedHook], prompt_len: int, max_tokens: int, itemsize: int, budget: int
+    info: ArchitectureInfo,
+    resolved: Sequence[ResolvedHook],
+    prompt_len: int,
+    max_tokens: int,
+    itemsize: int,
+    budget: int,
+    encoding: Optional[str] = None,
 ) -> None:
-    """Raise CaptureBudgetError when the request would capture more than `budget` bytes."""
-    estimate = capture_bytes(info, resolved, prompt_len, max_tokens, itemsize)
+    """Raise CaptureBudgetError when the request would capture more than `budget` bytes
+    (counting the response's encoded copy for `encoding`)."""
+    estimate = capture_bytes(info, resolved, prompt_len, max_tokens, itemsize, encoding=encoding)
     if estimate > budget:
         raise CaptureBudgetError(estimate, budget)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 
 from .config import ServerConfig
@@ -16,15 +18,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=defaults.port, help="port (0 picks a free one)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* routes")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (repeatable)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="also accept this Host header: NAME or NAME:PORT (repeatable; the bound address and loopback names are always accepted)")
     parser.add_argument("--model-root", action="append", default=[], type=Path, metavar="DIR", help="folder whose model folders POST /v1/models/load may load (repeatable)")
     parser.add_argument("--no-hub", action="store_true", help="refuse Hugging Face repo ids in POST /v1/models/load")
     parser.add_argument("--capture-budget-mb", type=float, default=defaults.capture_budget_mb, help="largest estimated capture per request; 0 for no limit")
     parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit, help="largest max_tokens a request may ask for")
-    parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens, help="max_tokens when a request gives none")
+    parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens, help="max_tokens when a request gives none (fewer if the model's context has less room)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens, help="longest prompt a request may send, in tokens; 0: only the model's context bounds it")
     parser.add_argument("--capture-store-items", type=int, default=defaults.capture_store_items, help="captures kept for download")
     parser.add_argument("--capture-store-mb", type=float, default=defaults.capture_store_mb, help="bytes of captures kept for download")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="WSGI worker threads")
     parser.add_argument("--log-request-bodies", action="store_true", help="log request bodies (off by default: prompts are private)")
+    parser.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace_s, metavar="SECONDS", help="on SIGINT/SIGTERM, how long open streams get to receive their final events")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -35,23 +40,36 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         api_key=args.api_key,
         cors_origins=tuple(args.cors_origin),
+        allowed_hosts=tuple(args.allowed_host),
         model_roots=tuple(args.model_root),
         allow_hub_models=not args.no_hub,
         capture_budget_mb=args.capture_budget_mb,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
         capture_store_items=args.capture_store_items,
         capture_store_mb=args.capture_store_mb,
         threads=args.threads,
         log_request_bodies=args.log_request_bodies,
+        shutdown_grace_s=args.shutdown_grace,
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; exit 0 after a clean shutdown.
+
+    If the engine thread is still inside a job when the shutdown ends (a model load
+    cannot be interrupted), the process ends at once: letting the interpreter finalize
+    under a thread inside MLX is what aborts.
+    """
     from .wsgi import serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(config_from_args(args))
+    if not serve(config_from_args(args)):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

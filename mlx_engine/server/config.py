@@ -12,7 +12,8 @@ class ServerConfig:
     """Settings for `create_app` and `serve`.
 
     Defaults are the safe ones: loopback only, no CORS, no model loading outside the
-    configured roots, and a capture budget so one request cannot exhaust memory.
+    configured roots, no Host header but the bound address (DNS rebinding), a capture
+    budget and a prompt limit so one request cannot exhaust memory or hold the engine.
     """
 
     model: Optional[str] = None  # loaded at startup (a folder or a Hugging Face repo id)
@@ -20,16 +21,20 @@ class ServerConfig:
     port: int = 8080
     api_key: Optional[str] = None
     cors_origins: tuple[str, ...] = ()
+    # Host header names accepted besides the bound address and loopback ("name" or "name:port").
+    allowed_hosts: tuple[str, ...] = ()
     model_roots: tuple[Path, ...] = ()
     allow_hub_models: bool = True  # POST /v1/models/load may name a Hugging Face repo id
     capture_budget_mb: float = 1024.0  # per request, estimated before generating
     max_tokens_limit: int = 4096
     default_max_tokens: int = 512
+    max_prompt_tokens: int = 32768  # 0: only the model's context bounds a prompt
     capture_store_items: int = 16
     capture_store_mb: float = 1024.0
     max_request_mb: float = 16.0
     threads: int = 16  # WSGI worker threads: streams in flight + requests waiting for the engine
     log_request_bodies: bool = False
+    shutdown_grace_s: float = 10.0  # SIGINT/SIGTERM: how long open streams get to receive their last events
 
     @property
     def capture_budget_bytes(self) -> int:

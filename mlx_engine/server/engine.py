@@ -7,8 +7,14 @@ first come first served, none dropped. Request threads only submit jobs and read
 job hands back, which is plain Python data (dicts, strings, bytes), never an mx.array.
 
 A streaming job hands its events through a bounded queue. The reader may cancel it
-(client gone); the job sees that at its next event, within one generation step, and
-the engine moves on to the next job.
+(client gone); the job sees that at its next event, within one generation step, or
+between two prefill chunks of a long prompt, and the engine moves on to the next job.
+
+`quiesce` is for shutdown: jobs still queued are refused (`EngineStopped`) instead of
+run, and once the running one ends the thread stays parked in its queue wait. It is not
+joined on purpose: MLX keeps per-thread caches whose destructors run as the thread ends
+and need the GIL; racing the interpreter's finalization they abort the process. A thread
+blocked in a lock wait is simply gone when the process exits.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
@@ -29,6 +36,17 @@ _POLL_S = 0.05
 
 class Cancelled(Exception):
     """Raised inside a streaming job when its reader has gone away."""
+
+    def __init__(self, during_prefill: bool = False) -> None:
+        super().__init__("the reader went away")
+        self.during_prefill = during_prefill
+
+
+class EngineStopped(RuntimeError):
+    """The engine is stopping (server shutdown): a queued job was refused, not run."""
+
+    def __init__(self) -> None:
+        super().__init__("The engine thread is stopping.")
 
 
 class _End:
@@ -93,6 +111,7 @@ class EventStream:
 class EngineStats:
     completed_generations: int = 0
     cancelled_generations: int = 0
+    cancelled_in_prefill: int = 0  # of the cancelled: stopped between two prefill chunks
     failed_generations: int = 0
 
 
@@ -104,6 +123,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._pending = 0
         self._busy = False
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self.stats = EngineStats()
         self._thread.start()
@@ -136,6 +156,9 @@ class EngineThread:
         def job() -> None:
             if not future.set_running_or_notify_cancel():
                 return
+            if self._stopping.is_set():
+                future.set_exception(EngineStopped())
+                return
             try:
                 future.set_result(fn())
             except BaseException as exc:  # handed to the caller, never kills the thread
@@ -149,17 +172,20 @@ class EngineThread:
         stream = EventStream()
 
         def job() -> None:
-            if stream.cancelled:
+            if stream.cancelled or self._stopping.is_set():
                 log.info("request %s: cancelled while queued", request_id)
                 self.stats.cancelled_generations += 1
+                stream._finish(EngineStopped() if self._stopping.is_set() else None)
                 return
             error: Optional[BaseException] = None
             try:
                 fn(stream)
                 self.stats.completed_generations += 1
-            except Cancelled:
+            except Cancelled as exc:
                 self.stats.cancelled_generations += 1
-                log.info("request %s: client went away; generation stopped", request_id)
+                self.stats.cancelled_in_prefill += int(exc.during_prefill)
+                when = "during the prefill" if exc.during_prefill else "while generating"
+                log.info("request %s: reader went away %s; generation stopped", request_id, when)
             except BaseException as exc:
                 self.stats.failed_generations += 1
                 error = exc
@@ -168,13 +194,27 @@ class EngineThread:
         self._put(job)
         return stream
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def quiesce(self, timeout: float) -> bool:
+        """Refuse queued jobs and wait for the running one to end; whether the thread is idle in time."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        while self._busy or self.queue_depth:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_S / 5)
+        return True
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Refuse queued jobs, let the running one end, join the thread (tests and embedders
+        that keep the interpreter running); whether it ended in time."""
+        self._stopping.set()
         self._jobs.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _put(self, job: Callable[[], None]) -> None:
-        if not self.alive:
-            raise RuntimeError("The engine thread has stopped.")
+        if not self.alive or self._stopping.is_set():
+            raise EngineStopped()
         with self._lock:
             self._pending += 1
         self._jobs.put(job)

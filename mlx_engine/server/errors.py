@@ -2,13 +2,15 @@
 
 One function maps any exception to a status and a body, and one Flask handler uses it,
 so a route never formats an error itself and a bug never shows a traceback to a
-client: the traceback goes to the server log under the request id.
+client: the traceback goes to the server log under the request id. Every message passes
+through a redactor on its way out (no filesystem path reaches a client; the log keeps
+the full text) and is cut to a bounded length (a message may quote a client's input).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from flask import Flask, Response, g, has_app_context, jsonify
 from pydantic import ValidationError
@@ -18,10 +20,15 @@ from ..hooks.budget import CaptureBudgetError
 from ..hooks.names import HookSpecError
 from ..interventions.spec import InterventionError
 from ..loading import ModelLoadError
+from .engine import EngineStopped
+from .redact import Redactor, printable
 from .schemas.hooks_and_edits import ARRAY_TAGS, HOOK_NAME_TAG, HOOK_SPEC_TAG, POSITION_TAGS
 
 _UNION_TAGS = {HOOK_NAME_TAG, HOOK_SPEC_TAG, *ARRAY_TAGS, *POSITION_TAGS}
 INVALID_INTERVENTION = "invalid_intervention"
+MAX_MESSAGE_CHARS = 4000
+Redact = Callable[[str], str]
+_DEFAULT_REDACT = Redactor()
 
 log = logging.getLogger("mlx_engine.server")
 
@@ -56,6 +63,22 @@ class ModelNotFound(APIError):
             param=param,
             code="model_not_found",
         )
+
+
+class ServerShuttingDown(APIError):
+    """The server got SIGINT or SIGTERM: in-flight work is cancelled, new work refused."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The server is shutting down; this request was cancelled. Retry once it is back.",
+            status=503,
+            type="server_error",
+            code="server_shutting_down",
+        )
+
+
+def is_shutdown(exc: BaseException) -> bool:
+    return isinstance(exc, (ServerShuttingDown, EngineStopped))
 
 
 def error_body(message: str, type: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:
@@ -116,11 +139,28 @@ _HTTP_TYPES = {
 }
 
 
-def to_error(exc: BaseException, request_id: Optional[str] = None) -> tuple[int, dict[str, Any]]:
-    """The status and error body for any exception (logging the unexpected ones).
+def to_error(exc: BaseException, request_id: Optional[str] = None, redact: Redact = _DEFAULT_REDACT) -> tuple[int, dict[str, Any]]:
+    """The status and error body for any exception, its message redacted and bounded.
 
-    `request_id` is needed only outside a request context (inside a running stream).
+    `request_id` is needed only outside a request context (inside a running stream);
+    `redact` knows the server's model roots (the default knows the usual folders only).
     """
+    if request_id is None and has_app_context():
+        request_id = g.get("request_id")
+    status, body = _classify(exc, request_id)
+    error = body["error"]
+    message = redact(error["message"])
+    if message != error["message"] or isinstance(exc, ModelLoadError):
+        log.warning("request %s: %s", request_id, printable(error["message"], MAX_MESSAGE_CHARS))
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+    error["message"] = message
+    return status, body
+
+
+def _classify(exc: BaseException, request_id: Optional[str]) -> tuple[int, dict[str, Any]]:
+    if is_shutdown(exc):
+        exc = exc if isinstance(exc, ServerShuttingDown) else ServerShuttingDown()
     if isinstance(exc, APIError):
         return exc.status, error_body(exc.message, exc.type, exc.param, exc.code)
     if isinstance(exc, ValidationError):
@@ -137,8 +177,6 @@ def to_error(exc: BaseException, request_id: Optional[str] = None) -> tuple[int,
         status = exc.code or 500
         type_, code = _HTTP_TYPES.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
         return status, error_body(exc.description or exc.name, type_, None, code)
-    if request_id is None and has_app_context():
-        request_id = g.get("request_id")
     log.error("request %s failed", request_id, exc_info=exc)
     return 500, error_body(
         f"Internal server error (request id {request_id}); the details are in the server log.",
@@ -148,8 +186,8 @@ def to_error(exc: BaseException, request_id: Optional[str] = None) -> tuple[int,
     )
 
 
-def handle_exception(exc: Exception) -> Response:
-    status, body = to_error(exc)
+def handle_exception(exc: Exception, redact: Redact = _DEFAULT_REDACT) -> Response:
+    status, body = to_error(exc, redact=redact)
     response = jsonify(body)
     response.status_code = status
     if status == 401:
@@ -160,6 +198,6 @@ def handle_exception(exc: Exception) -> Response:
     return response
 
 
-def register_error_handler(app: Flask) -> None:
+def register_error_handler(app: Flask, redact: Redact = _DEFAULT_REDACT) -> None:
     """One handler for everything: HTTP errors (404, 405, 413), validation, engine errors, bugs."""
-    app.register_error_handler(Exception, handle_exception)
+    app.register_error_handler(Exception, lambda exc: handle_exception(exc, redact))

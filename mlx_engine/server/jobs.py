@@ -1,10 +1,15 @@
-"""A generation as the engine thread runs it: tokenize, resolve interventions, generate, parse, encode, store.
+"""A generation as the engine thread runs it: tokenize, check length and budget, bind interventions,
+generate, parse, encode, store.
 
 Everything that touches the tokenizer or MLX happens here, on the engine thread; what
 leaves is plain data (`Started`, `Step`, `Finished`) that a request thread turns into
 OpenAI JSON. Harmony models (gpt-oss) are parsed here at token level, and their stop
 strings are matched against the visible content only, so a stop string cannot fire
 inside the reasoning or a channel header.
+
+A request's length is checked twice: on the request thread before it is queued, with
+what is known without tokenizing (`GenerationPlan.check_length`: token ids exactly,
+texts by a lower bound), and here, exactly, once the prompt is tokens.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from jinja2 import TemplateError
 
 from ..generation.api import create_generator_with_activations
 from ..generation.harmony import HarmonyStreamParser, HarmonyTokens, Route
+from ..generation.loop import GenerationCancelled
 from ..generation.text import StopStringMatcher
-from ..hooks.budget import CaptureBudgetError
+from ..hooks.budget import CaptureBudgetError, check_budget
 from ..hooks.capture import Capture
 from ..hooks.names import HookSpecError, ResolvedHook
 from ..interventions.resolve import ResolvedIntervention
@@ -29,7 +35,8 @@ from ..loading import chat_tokens, tokenize
 from ..wire.codec import encode_capture
 from ..wire.files import captures_to_safetensors
 from .capture_store import CaptureStore
-from .engine import EventStream
+from .context import chat_texts
+from .engine import Cancelled, EventStream
 from .errors import APIError
 from .intervention_sources import bind_request_interventions
 from .loaded_models import LoadedModel
@@ -46,6 +53,7 @@ class GenerationPlan:
     messages: Optional[list[dict[str, str]]] = None  # chat
     prompt: Union[str, list[int], None] = None  # text completion
     max_tokens: int = 256
+    max_tokens_given: bool = True  # False: the server's default, lowered to what the context has room for
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None
@@ -58,6 +66,24 @@ class GenerationPlan:
     @property
     def harmony(self) -> bool:
         return self.messages is not None and self.model.harmony_tokens is not None
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages" if self.messages is not None else "prompt"
+
+    @property
+    def asked_max_tokens(self) -> Optional[int]:
+        return self.max_tokens if self.max_tokens_given else None
+
+    def check_length(self) -> None:
+        """Before queueing: refuse a prompt that cannot fit (token ids exactly, texts by a lower bound)."""
+        limits = self.model.limits
+        if self.messages is not None:
+            limits.check_texts(chat_texts(self.messages), self.asked_max_tokens, "messages")
+        elif isinstance(self.prompt, str):
+            limits.check_texts([self.prompt], self.asked_max_tokens, "prompt")
+        elif self.prompt is not None:
+            limits.check(len(self.prompt), self.asked_max_tokens, "prompt")
 
 
 @dataclass(frozen=True)
@@ -145,8 +171,11 @@ def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStor
     """The engine-thread job behind every completion request (see module docstring)."""
     kit = plan.model.kit
     prompt_ids = _prompt_ids(plan)
+    limits = plan.model.limits
+    limits.check(len(prompt_ids), plan.asked_max_tokens, plan.prompt_param)
+    max_tokens = plan.max_tokens if plan.max_tokens_given else limits.completion_room(len(prompt_ids), plan.max_tokens)
     kwargs: dict[str, Any] = dict(
-        max_tokens=plan.max_tokens,
+        max_tokens=max_tokens,
         temp=plan.temperature,
         top_p=plan.top_p,
         seed=plan.seed,
@@ -154,17 +183,23 @@ def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStor
         top_logprobs=plan.top_logprobs,
     )
     # Interventions are bound to the prompt (and stored captures read) before any generation.
-    edits = bind_request_interventions(plan.interventions or [], plan.model, len(prompt_ids), plan.max_tokens, store)
+    edits = bind_request_interventions(plan.interventions or [], plan.model, len(prompt_ids), max_tokens, store)
     edited = [e.metadata() for e in edits] if plan.interventions is not None else None
-    # The capture budget is checked here, before any generation.
+    # The capture budget is checked here, before any generation, counting the response's encoded copy.
+    if budget_bytes is not None and plan.hooks:
+        itemsize = kit.activation_itemsize
+        check_budget(kit.arch_info, plan.hooks, len(prompt_ids), max_tokens, itemsize, budget_bytes, encoding=plan.activation_format)
+    # Between prefill chunks the loop asks whether the reader left (client gone, server stopping).
     pairs = create_generator_with_activations(
-        kit, prompt_ids, plan.hooks or [], interventions=edits, capture_budget_bytes=budget_bytes, **kwargs
+        kit, prompt_ids, plan.hooks or [], interventions=edits, should_stop=lambda: stream.cancelled, **kwargs
     )
     capture_id = f"cap-{uuid.uuid4().hex}" if plan.hooks is not None else None
 
     try:
         try:
             first = next(pairs)
+        except GenerationCancelled:
+            raise Cancelled(during_prefill=True) from None
         except (HookSpecError, CaptureBudgetError):
             raise
         except ValueError as exc:  # the engine's own input checks (token ids out of range, ...)

@@ -8,11 +8,14 @@ check interventions before queueing.
 
 Load requests come from the network, so a name may only reach the filesystem through
 a configured model root: a relative folder under a root, or an absolute path that
-resolves (symlinks followed) inside one. Anything else must be a Hugging Face repo id.
+resolves (symlinks followed) inside one, whose files do not link outside the roots.
+Anything else must be a Hugging Face repo id. Refusals name the request's own model
+name, never a root (the error redactor cuts any root out of a name that contains it).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -25,6 +28,7 @@ from ..hooks.listing import describe_hook_points
 from ..hooks.names import HookSpecError, ResolvedHook, resolve_hooks
 from ..hooks.registry import ActivationHookManager
 from ..loading import DEFAULT_MODEL_NAME, ModelKit
+from .context import PromptLimits
 from .errors import APIError, ModelNotFound
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -39,10 +43,11 @@ class LoadedModel:
     hook_listing: dict[str, Any]  # the JSON listing (kit.hook_points are the live HookPoints)
     harmony_tokens: Optional[HarmonyTokens]
     hooks: ActivationHookManager
+    limits: PromptLimits  # context window, prompt limit and the tokens-per-byte bound (plain data)
     hooks_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def build(cls, model_id: str, kit: ModelKit, source: str) -> "LoadedModel":
+    def build(cls, model_id: str, kit: ModelKit, source: str, max_prompt_tokens: int = 0) -> "LoadedModel":
         """Everything request threads will need, computed once (on the engine thread)."""
         harmony = HarmonyTokens.from_vocab(kit.tokenizer.get_vocab()) if kit.is_harmony else None
         return cls(
@@ -53,6 +58,7 @@ class LoadedModel:
             hook_listing=describe_hook_points(kit),
             harmony_tokens=harmony,
             hooks=ActivationHookManager(kit),
+            limits=PromptLimits.for_model(kit.config, kit.tokenizer, max_prompt_tokens),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -68,6 +74,7 @@ class LoadedModel:
             "harmony": self.harmony_tokens is not None,
             "num_layers": info.num_layers,
             "d_model": info.d_model,
+            "context_length": self.limits.context,
         }
 
     # -- registered hooks (pure Python; guarded because several request threads share them)
@@ -164,6 +171,36 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _link_outside(folder: Path, roots: list[Path]) -> Optional[str]:
+    """The first entry under `folder` (by its path within it) that is a symbolic link resolving
+    outside every root; linked folders inside the roots are searched too, each once."""
+    pending, seen = [folder], set()
+    while pending:
+        current = pending.pop()
+        real = current.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink() and not any(_inside(path.resolve(), r) for r in roots):
+                return path.relative_to(folder).as_posix()
+            if entry.is_dir():
+                pending.append(path)
+    return None
+
+
+def _checked_folder(target: Path, model_id: str, roots: list[Path]) -> tuple[str, str]:
+    link = _link_outside(target, roots)
+    if link is not None:
+        raise _forbidden(model_id, f"its file {link!r} is a symbolic link to a place outside the model roots.")
+    return str(target), model_id
+
+
 def resolve_load_request(name: str, roots: tuple[Path, ...], allow_hub: bool) -> tuple[str, str]:
     """(what to pass to load_model, the model id to serve it under) for a network load request."""
     if "\x00" in name or "\\" in name:
@@ -181,18 +218,18 @@ def resolve_load_request(name: str, roots: tuple[Path, ...], allow_hub: bool) ->
             raise _forbidden(name, "absolute paths must lie inside a --model-root folder.")
         if not (target / "config.json").is_file():
             raise APIError(f"{name!r} is not a model folder (no config.json).", status=404, type="not_found_error", param="model", code="model_not_found")
-        return str(target), target.relative_to(root).as_posix() or target.name
+        return _checked_folder(target, target.relative_to(root).as_posix() or target.name, resolved_roots)
     for root in resolved_roots:
         target = (root / path).resolve()
         if _inside(target, root) and target != root and (target / "config.json").is_file():
-            return str(target), path.as_posix()
+            return _checked_folder(target, path.as_posix(), resolved_roots)
     if REPO_ID.match(name) and allow_hub:
         if Path(name).exists():
             # load_model would read this local folder (relative to the server's working
             # directory), which is not a model root.
             raise _forbidden(name, "it names a local folder outside the model roots.")
         return name, name
-    roots_text = ", ".join(str(r) for r in resolved_roots) or "none configured"
+    roots_text = f"{len(resolved_roots)} configured" if resolved_roots else "none configured"
     hub = " or a Hugging Face repo id 'owner/name'" if allow_hub else ""
     raise APIError(
         f"No model folder {name!r} under the model roots ({roots_text}); give a folder under a root{hub}.",

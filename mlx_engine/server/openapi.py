@@ -25,15 +25,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 Mode = Literal["validation", "serialization"]
 REF = "#/components/schemas/{model}"
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
+# The viewer's page and its static files (routes/ui.py): the same for everyone, with no data in
+# them, and a browser cannot send a key to load a page; the page asks for it and sends it itself.
+PUBLIC_PREFIX = "/ui"
 _RULE_PARAM = re.compile(r"<(?:[a-z]+:)?([A-Za-z_]\w*)>")
 _ERROR_STATUSES = {
-    "400": "Invalid request (malformed JSON, wrong types, unknown hooks, invalid interventions, out-of-range values).",
+    "400": "Invalid request (malformed JSON, wrong types, unknown hooks, invalid interventions, out-of-range values, "
+    "a prompt longer than the context: code context_length_exceeded).",
     "401": "Missing or wrong API key.",
-    "403": "A model path outside the configured model roots.",
+    "403": "A model path outside the configured model roots, or a model folder with links out of them.",
     "404": "Unknown model, hook, capture or route.",
     "405": "Method not allowed on this route.",
     "413": "The request body, or the activations it would capture, exceed the server's limits.",
+    "415": "A POST body not sent as application/json.",
+    "421": "A Host header that does not name this server (DNS rebinding); see --allowed-host.",
     "500": "Internal error; details are in the server log under the request id.",
+    "503": "The server is shutting down.",
 }
 
 
@@ -48,6 +55,11 @@ class Operation:
     binary: Optional[str] = None  # media type of a binary 200 response
     description: str = ""
     path_params: dict[str, str] = field(default_factory=dict)
+
+
+def is_public(path: str) -> bool:
+    """Whether `path` answers without the API key."""
+    return path in PUBLIC_PATHS or path == PUBLIC_PREFIX or path.startswith(PUBLIC_PREFIX + "/")
 
 
 def operation(**kwargs: Any) -> Callable[[F], F]:

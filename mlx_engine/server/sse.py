@@ -4,7 +4,9 @@ Each event is written to the client the moment the engine hands it over (the WSG
 server flushes every write; see server.py). A departed client is noticed two ways:
 waitress reports it through `environ["waitress.client_disconnected"]` (checked between
 events and while waiting), and a failed write closes the response iterator. Either
-way the job is cancelled and stops within one generation step.
+way the job is cancelled and stops within one generation step (or one prefill chunk).
+A server shutting down (SIGINT, SIGTERM) ends every reader the same way, with
+ServerShuttingDown, which the stream turns into a last error event and `[DONE]`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from collections.abc import Generator
 from typing import Any, Callable, Optional
 
 from .engine import END, EventStream
-from .errors import APIError
+from .errors import APIError, ServerShuttingDown
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _WAIT_S = 0.05
 
 Disconnected = Optional[Callable[[], bool]]
+Stopping = Optional[Callable[[], bool]]
 
 
 class ClientGone(APIError):
@@ -36,12 +39,14 @@ def sse_event(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
-def read_events(stream: EventStream, disconnected: Disconnected) -> Generator[Any, None, None]:
-    """The job's events in order; cancels the job if the client leaves or the reader stops."""
+def read_events(stream: EventStream, disconnected: Disconnected, stopping: Stopping = None) -> Generator[Any, None, None]:
+    """The job's events in order; cancels the job if the client leaves, the server stops, or the reader stops."""
     try:
         while True:
             if disconnected is not None and disconnected():
                 raise ClientGone()
+            if stopping is not None and stopping():
+                raise ServerShuttingDown()
             try:
                 event = stream.next(timeout=_WAIT_S)
             except queue.Empty:

@@ -1,10 +1,12 @@
-"""What the routes share: configuration, the engine thread, loaded models, stored captures."""
+"""What the routes share: configuration, the engine thread, loaded models, stored captures,
+the shutdown flag and the error redactor."""
 
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional, TypeVar
 
@@ -17,6 +19,7 @@ from .config import ServerConfig
 from .engine import EngineThread
 from .jobs import GenerationPlan, run_generation
 from .loaded_models import LoadedModel, ModelRegistry
+from .redact import Redactor
 from .sse import read_events, started
 
 M = TypeVar("M", bound=BaseModel)
@@ -29,6 +32,9 @@ class ServerState:
     engine: EngineThread
     registry: ModelRegistry
     store: CaptureStore
+    redact: Redactor
+    # Set on SIGINT/SIGTERM: readers end their streams, new requests get 503 (shutdown.py).
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def create(cls, config: ServerConfig) -> "ServerState":
@@ -37,6 +43,7 @@ class ServerState:
             engine=EngineThread(),
             registry=ModelRegistry(),
             store=CaptureStore(config.capture_store_items, config.capture_store_bytes),
+            redact=Redactor(config.model_roots),
         )
 
     # -- model lifecycle, run on the engine thread
@@ -50,7 +57,7 @@ class ServerState:
             existing = self.registry.find(served_id)
             if existing is not None:
                 return existing
-            loaded = LoadedModel.build(served_id, kit, target)
+            loaded = LoadedModel.build(served_id, kit, target, self.config.max_prompt_tokens)
             self.registry.add(loaded)
             return loaded
 
@@ -70,12 +77,14 @@ class ServerState:
         """Queue a generation; return its events once the first one is in.
 
         Waiting for the first event means every error found before generating (bad
-        hooks, capture budget, prompt problems) still becomes a proper HTTP status.
+        hooks, capture budget, prompt problems) still becomes a proper HTTP status. A
+        prompt that cannot fit the context is refused before it is queued at all.
         """
+        plan.check_length()
         budget = self.config.capture_budget_bytes if self.config.capture_budget_mb > 0 else None
         stream = self.engine.stream(plan.request_id, partial(run_generation, plan, store=self.store, budget_bytes=budget))
         disconnected = request.environ.get("waitress.client_disconnected")
-        return started(read_events(stream, disconnected))
+        return started(read_events(stream, disconnected, self.stopping.is_set))
 
 
 def state() -> ServerState:

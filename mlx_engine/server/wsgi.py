@@ -15,6 +15,10 @@ MLX runs on, and it has the two behaviours streaming generation needs.
 
 Worker threads only wait on the engine thread and relay its events, so there can be
 more of them than cores: each in-flight stream or queued request holds one.
+
+`serve` runs waitress's socket loop itself so SIGINT and SIGTERM end the server cleanly
+(shutdown.py): open streams get a last error event and [DONE], the engine thread is
+joined, and the process exits 0 instead of aborting inside MLX.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from waitress.server import create_server
 
 from .app import create_app
 from .config import ServerConfig
+from .shutdown import run_until_stopped
+from .state import EXTENSION_KEY
 
 log = logging.getLogger("mlx_engine.server")
 REQUEST_LOOKAHEAD = 4
@@ -47,15 +53,13 @@ def make_server(app: Flask, config: ServerConfig) -> Any:
     )
 
 
-def serve(config: ServerConfig, app: Optional[Flask] = None) -> None:
-    """Build the app (loading the startup model) and serve until interrupted."""
+def serve(config: ServerConfig, app: Optional[Flask] = None) -> bool:
+    """Build the app (loading the startup model) and serve until SIGINT or SIGTERM.
+
+    Returns whether the engine thread went idle (see shutdown.py).
+    """
     app = app or create_app(config)
     server = make_server(app, config)
     host, port = server.effective_host, server.effective_port
-    log.info("mlx-engine serving on http://%s:%s (OpenAPI at /openapi.json)", host, port)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        log.info("shutting down")
-    finally:
-        server.close()
+    log.info("mlx-engine serving on http://%s:%s (viewer at http://%s:%s/ui/, OpenAPI at /openapi.json)", host, port, host, port)
+    return run_until_stopped(server, app.extensions[EXTENSION_KEY], config.shutdown_grace_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -20,8 +21,24 @@ from .codec import EncodingError
 SAFETENSORS_USER_METADATA_KEY = "user_metadata"
 
 
+# Step and chunk numbers are zero-padded so that the names sort in step order (a reader listing
+# the file sees step 2 before step 10); widths hold 10^6 steps and 10^4 prefill chunks. Older files
+# wrote them unpadded (`step2/chunk0`); parse_tensor_key reads both.
+STEP_DIGITS = 6
+CHUNK_DIGITS = 4
+_KEY = re.compile(r"^(?P<hook>.+)/step(?P<step>\d+)/chunk(?P<chunk>\d+)(?:/(?P<extra>[^/]+))?$")
+
+
 def _tensor_key(hook_id: str, step: int, chunk: int) -> str:
-    return f"{hook_id}/step{step}/chunk{chunk}"
+    return f"{hook_id}/step{step:0{STEP_DIGITS}d}/chunk{chunk:0{CHUNK_DIGITS}d}"
+
+
+def parse_tensor_key(name: str) -> Optional[tuple[str, int, int, Optional[str]]]:
+    """(hook id, step, chunk, companion name or None) of a tensor name, padded or not; None if not one."""
+    match = _KEY.match(name)
+    if match is None:
+        return None
+    return match["hook"], int(match["step"]), int(match["chunk"]), match["extra"]
 
 
 def captures_to_safetensors(
@@ -30,9 +47,9 @@ def captures_to_safetensors(
 ) -> bytes:
     """One safetensors file holding every capture, one tensor per hook, step and chunk.
 
-    Tensor `{hook_id}/step{step}/chunk{i}` is the i-th capture of that hook in that step
-    (the prompt may be prefilled in several chunks); a companion is stored beside it as
-    `.../chunk{i}/{name}`. The header maps each main tensor's name to its wire metadata
+    Tensor `{hook_id}/step{step:06d}/chunk{i:04d}` is the i-th capture of that hook in that
+    step (the prompt may be prefilled in several chunks), so names sort in step order; a
+    companion is stored beside it as `.../chunk{i:04d}/{name}`. The header maps each main tensor's name to its wire metadata
     as a JSON string, and `user_metadata` to the caller's `metadata` as a JSON string.
     MLX writes the file, so bfloat16 is stored as BF16 without conversion.
     """
@@ -71,7 +88,10 @@ def safetensors_to_captures(
         meta = json.loads(text)
         if key not in arrays:
             raise EncodingError(f"header describes {key!r} but the file has no such tensor")
-        chunk = int(key.rsplit("/chunk", 1)[1])
+        parsed = parse_tensor_key(key)
+        if parsed is None or parsed[3] is not None:
+            raise EncodingError(f"header key {key!r} is not a capture tensor name ({{hook_id}}/step{{n}}/chunk{{i}})")
+        chunk = parsed[2]
         capture = Capture(
             hook_id=meta["hook_id"],
             layer_name=meta["layer_name"],

@@ -102,7 +102,7 @@ def _missing_capture(capture_id: str) -> APIError:
     tags=TAGS,
     binary="application/octet-stream",
     path_params={"capture_id": "The capture_id a response named."},
-    description="Tensor `{hook_id}/step{step}/chunk{i}` per hook, step and prefill chunk; each tensor's wire "
+    description="Tensor `{hook_id}/step{step:06d}/chunk{i:04d}` per hook, step and prefill chunk (zero-padded: names sort in step order); each tensor's wire "
     "metadata is a JSON string in the header, and `__metadata__` holds the request's token ids and strings.",
 )
 def get_capture(capture_id: str) -> Response:

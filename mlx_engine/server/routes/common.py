@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from flask import Response, jsonify
 
-from ..errors import to_error
+from ..errors import Redact, is_shutdown, to_error
 from ...hooks.names import ResolvedHook
 from ..intervention_sources import resolve_request_interventions
 from ..jobs import GenerationPlan
@@ -21,9 +21,12 @@ from ..state import request_id, state
 log = logging.getLogger("mlx_engine.server")
 
 
-def sse_response(chunks: Iterator[dict[str, Any]], rid: str) -> Response:
-    """An SSE response that ends with [DONE], or with an error event if the job fails midway."""
+def sse_response(chunks: Iterator[dict[str, Any]], rid: str, redact: Optional[Redact] = None) -> Response:
+    """An SSE response that ends with [DONE], or with an error event if the job fails midway.
 
+    A server shutting down ends every open stream with its error event and then [DONE], so
+    a client waiting for [DONE] is not left hanging on a connection about to close.
+    """
     def body() -> Iterator[bytes]:
         started_at = time.perf_counter()
         sent = 0
@@ -40,7 +43,10 @@ def sse_response(chunks: Iterator[dict[str, Any]], rid: str) -> Response:
             raise
         except Exception as exc:  # headers are gone; the error travels as an event
             outcome = "failed"
-            yield sse_event(to_error(exc, rid)[1])
+            yield sse_event((to_error(exc, rid, redact) if redact else to_error(exc, rid))[1])
+            if is_shutdown(exc):
+                outcome = "ended by the server's shutdown"
+                yield SSE_DONE
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
@@ -59,6 +65,7 @@ def run_chat(req: ChatCompletionRequest, hooks: Optional[list[ResolvedHook]]) ->
         model=model,
         messages=[m.to_template() for m in req.messages],
         max_tokens=req.requested_max_tokens or st.config.effective_default_max_tokens,
+        max_tokens_given=req.requested_max_tokens is not None,
         stop=req.stop_strings,
         **req.sampling,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
@@ -76,5 +83,5 @@ def run_chat(req: ChatCompletionRequest, hooks: Optional[list[ResolvedHook]]) ->
     )
     events = st.generate(plan)
     if req.stream:
-        return sse_response(chat_chunks(shape, events), plan.request_id)
+        return sse_response(chat_chunks(shape, events), plan.request_id, st.redact)
     return jsonify(chat_completion(shape, collect(events)))

@@ -19,7 +19,7 @@ def health() -> Response:
     engine = st.engine
     return jsonify(
         {
-            "status": "ok" if engine.alive else "degraded",
+            "status": "shutting_down" if st.stopping.is_set() else "ok" if engine.alive else "degraded",
             "models": st.registry.ids(),
             "engine": {
                 "alive": engine.alive,
@@ -27,6 +27,7 @@ def health() -> Response:
                 "queue_depth": engine.queue_depth,
                 "completed_generations": engine.stats.completed_generations,
                 "cancelled_generations": engine.stats.cancelled_generations,
+                "cancelled_in_prefill": engine.stats.cancelled_in_prefill,
                 "failed_generations": engine.stats.failed_generations,
             },
             "capture_store": {

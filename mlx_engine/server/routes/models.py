@@ -35,7 +35,7 @@ def unload() -> Response:
     return jsonify({"id": req.model, "object": "model", "deleted": True})
 
 
-@bp.get("/v1/models/<path:model_id>/hook_points")
+@bp.get("/v1/models/<model:model_id>/hook_points")
 @operation(
     summary="Every hook point of a model: layers, components, shapes, aliases",
     tags=TAGS,

@@ -23,7 +23,7 @@ def list_models() -> Response:
     return jsonify({"object": "list", "data": [m.describe() for m in state().registry.all()]})
 
 
-@bp.get("/v1/models/<path:model_id>")
+@bp.get("/v1/models/<model:model_id>")
 @operation(summary="Describe a loaded model", tags=TAGS, response=ModelObject, path_params={"model_id": "A loaded model id."})
 def retrieve_model(model_id: str) -> Response:
     return jsonify(state().registry.get(model_id, param="model_id").describe())
@@ -63,6 +63,7 @@ def completions() -> Response:
         model=model,
         prompt=req.prompt_value,
         max_tokens=req.max_tokens or st.config.effective_default_max_tokens,
+        max_tokens_given=req.max_tokens is not None,
         stop=req.stop_strings,
         **req.sampling,
         top_logprobs=req.logprobs or 0,
@@ -76,5 +77,5 @@ def completions() -> Response:
     )
     events = st.generate(plan)
     if req.stream:
-        return sse_response(completion_chunks(shape, events), plan.request_id)
+        return sse_response(completion_chunks(shape, events), plan.request_id, st.redact)
     return jsonify(text_completion(shape, collect(events)))

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify
 from ...hooks.capture import mlx_to_numpy
 from ...interventions.spec import InterventionError
 from ...interventions.steering import steering_vector
+from ...loading import tokenize
 from ...wire.codec import encode_array
 from ..errors import APIError
 from ..loaded_models import LoadedModel
@@ -35,15 +36,36 @@ def _check_token_ids(req: SteeringVectorRequest, vocab_size: int) -> None:
                 )
 
 
+def check_prompt_lengths(model: LoadedModel, req: SteeringVectorRequest) -> None:
+    """Before queueing: each prompt is one forward pass, so each must fit the context (texts by a lower bound)."""
+    for name in ("positive", "negative"):
+        for i, prompt in enumerate(getattr(req, name)):
+            if isinstance(prompt, str):
+                model.limits.check_texts([prompt], 0, f"{name}[{i}]")
+            else:
+                model.limits.check(len(prompt), 0, f"{name}[{i}]")
+
+
+def _tokenized(model: LoadedModel, req: SteeringVectorRequest, name: str) -> list[list[int]]:
+    """The prompts as token ids, each checked exactly against the context."""
+    out = []
+    for i, prompt in enumerate(getattr(req, name)):
+        tokens = tokenize(model.kit, prompt) if isinstance(prompt, str) else list(prompt)
+        model.limits.check(len(tokens), 0, f"{name}[{i}]")
+        out.append(tokens)
+    return out
+
+
 def build_steering_vector(model: LoadedModel, req: SteeringVectorRequest) -> dict[str, Any]:
     """The engine-thread job: run the prompts, subtract the means, encode. Returns plain JSON data."""
     kit = model.kit
     _check_token_ids(req, kit.arch_info.vocab_size)
+    positive, negative = _tokenized(model, req, "positive"), _tokenized(model, req, "negative")
     try:
         sv = steering_vector(
             kit,
-            req.positive,
-            req.negative,
+            positive,
+            negative,
             req.layer_name,
             component=req.component,
             capture_input=req.capture_input,
@@ -97,4 +119,5 @@ def steering_vectors() -> Response:
     req = parse_body(SteeringVectorRequest)
     st = state()
     model = st.registry.get(req.model)
+    check_prompt_lengths(model, req)
     return jsonify(st.engine.call(partial(build_steering_vector, model, req)))

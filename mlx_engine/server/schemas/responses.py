@@ -282,6 +282,7 @@ class EngineStatus(BaseModel):
     queue_depth: int
     completed_generations: int
     cancelled_generations: int
+    cancelled_in_prefill: int = Field(description="Of the cancelled generations, those stopped between two prefill chunks.")
     failed_generations: int
 
 
@@ -293,7 +294,31 @@ class CaptureStoreStatus(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "shutting_down"]
     models: list[str]
     engine: EngineStatus
     capture_store: CaptureStoreStatus
+
+
+class ProcessMemory(BaseModel):
+    rss_bytes: Optional[int] = Field(description="Resident set size now; null where the system offers no reading (it comes from /proc).")
+    peak_rss_bytes: Optional[int] = Field(description="Largest resident set size so far; null where the platform has no getrusage.")
+
+
+class MLXMemory(BaseModel):
+    active_bytes: int = Field(description="Bytes MLX's allocator holds in live arrays.")
+    cache_bytes: int = Field(description="Bytes MLX keeps cached for reuse (freed arrays not yet returned).")
+    peak_bytes: int = Field(description="Largest active_bytes since the process started.")
+    limit_bytes: int = Field(description="The allocator's memory limit.")
+
+
+class ModelMemory(BaseModel):
+    id: str
+    parameter_bytes: int = Field(description="Bytes of the model's weights as stored (packed for quantized layers).")
+
+
+class MemoryResponse(BaseModel):
+    object: Literal["memory"]
+    process: ProcessMemory
+    mlx: MLXMemory
+    models: list[ModelMemory]
