@@ -61,7 +61,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation.api import create_generator
     from .loading import chat_tokens, load_model, tokenize
 
-    kit = load_model(args.model)
+    kit = load_model(args.model, cpu_dequantize=args.cpu_dequantize)
+    if kit.dequantized:
+        print(f"[{kit.dequantized}]", file=sys.stderr)
     if args.chat:
         prompt = chat_tokens(kit, [{"role": "user", "content": args.prompt}])
     else:
@@ -150,6 +152,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--cpu-dequantize", action="store_true",
+        help="on MLX's CPU backend, run a 4/8-bit model as float32 (faster there; 4 bytes per weight)",
+    )
     p.set_defaults(func=_cmd_generate)
 
 

@@ -62,6 +62,8 @@ class ModelKit:
     hook_points: dict[str, HookPoint] = field(default_factory=dict)
     # What load_model(config_overrides=...) changed from config.json (empty for a faithful load).
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    # load_model(cpu_dequantize=True): what was converted and the memory it cost (None otherwise).
+    dequantized: Optional[str] = None
 
     @property
     def model_type(self) -> str:
@@ -224,6 +226,7 @@ def load_model(
     revision: Optional[str] = None,
     config_overrides: Optional[Mapping[str, Any]] = None,
     parallel: Optional[str] = None,
+    cpu_dequantize: bool = False,
 ) -> ModelKit:
     """Load a model and its tokenizer. Remote code is never executed.
 
@@ -235,6 +238,10 @@ def load_model(
     `parallel="tensor"`, inside an `mx.distributed` job, splits the model's heads and hidden
     units over the job's ranks (mlx_engine/distributed): each rank reads the checkpoint
     lazily and keeps its own slices. With one process it is the ordinary load.
+
+    `cpu_dequantize=True` turns a 4/8-bit checkpoint into float32 layers at load, on MLX's
+    CPU backend only (mlx_engine/cpu_dequantize.py says why and what it costs; `kit.dequantized`
+    states it). The weights are the ones the quantized kernels compute with.
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
@@ -265,6 +272,14 @@ def load_model(
 
         parallelize(model, config, parallel)  # before hook_points(): the split sites get new points
 
+    dequantized = None
+    if cpu_dequantize:
+        from .cpu_dequantize import CPUDequantizeError, dequantize_for_cpu
+
+        try:
+            dequantized = dequantize_for_cpu(model).describe()
+        except CPUDequantizeError as exc:
+            raise ModelLoadError(str(exc)) from None
     native = native_module(config["model_type"]) is not None
     if native:
         arch_info, points = model.arch_info, model.hook_points()
@@ -282,6 +297,7 @@ def load_model(
         arch_info=arch_info,
         hook_points=points,
         config_overrides=dict(config_overrides or {}),
+        dequantized=dequantized,
     )
 
 
