@@ -76,6 +76,7 @@ OPS: dict[str, dict[str, Any]] = {
 SOURCE_FIELDS = ("values", "source", "capture_id", "capture_hook")
 COMMON_FIELDS = ("layer_name", "layer", "component", "capture_input", "op", "positions")
 POSITION_SETS = ("all", "prompt", "generated")
+MAX_REPEATS_SHOWN = 10
 
 Positions = Union[str, tuple[int, ...]]
 
@@ -138,8 +139,12 @@ def _int_list(value: Any, index: int, field: str) -> tuple[int, ...]:
         if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
             raise _fail(index, field, f"'{field}' must hold integers only, got {item!r}.")
     if len(set(items)) != len(items):
+        # Linear in the list, and the message names a bounded number of repeats.
         repeated = sorted(int(i) for i, n in Counter(items).items() if n > 1)
-        raise _fail(index, field, f"'{field}' repeats {repeated}.")
+        shown = ", ".join(map(str, repeated[:MAX_REPEATS_SHOWN]))
+        if len(repeated) > MAX_REPEATS_SHOWN:
+            shown += f", ... ({len(repeated)} in all)"
+        raise _fail(index, field, f"'{field}' repeats [{shown}]; give each once.")
     return tuple(sorted(int(i) for i in items))
 
 

@@ -26,6 +26,9 @@ from .errors import APIError
 # at worst to 1), and composition joins at most 3 bytes per output byte (Hangul jamo).
 _UNICODE_SHRINK = 4.0
 _UNICODE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase"}
+# Where no sound bound holds, a text is still capped at this many bytes a token of the limit, so
+# that tokenizing it stays bounded in time: real text averages 3 to 6 bytes a token.
+UNBOUNDED_BYTES_PER_TOKEN = 64
 # Pre-tokenizers that only split or map (never drop) the text.
 _KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts", "Split", "Punctuation", "FixedLength"}
 
@@ -164,11 +167,26 @@ class PromptLimits:
         )
 
     def check_texts(self, texts: Sequence[str], max_tokens: Optional[int], param: str) -> None:
-        """The early check on the request thread: refuse texts whose length alone cannot fit."""
-        if self.bytes_per_token is None:
-            return
+        """The early check on the request thread: refuse texts whose length alone cannot fit.
+
+        Without a sound bytes-per-token bound the texts are capped in bytes instead
+        (`UNBOUNDED_BYTES_PER_TOKEN` per token of the tighter limit), which keeps the
+        tokenizer's work on the engine thread bounded all the same.
+        """
         size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-        self.check(math.ceil(size / self.bytes_per_token), max_tokens, param, text_bytes=size)
+        if self.bytes_per_token is not None:
+            self.check(math.ceil(size / self.bytes_per_token), max_tokens, param, text_bytes=size)
+            return
+        limits = [n for n in (self.max_prompt_tokens, self.context) if n]
+        if not limits or size <= min(limits) * UNBOUNDED_BYTES_PER_TOKEN:
+            return
+        what = "messages" if param == "messages" else "prompt"
+        raise ContextLengthExceeded(
+            f"This server tokenizes at most {min(limits) * UNBOUNDED_BYTES_PER_TOKEN} bytes of text for this model "
+            f"({min(limits)} tokens at {UNBOUNDED_BYTES_PER_TOKEN} bytes each: its tokenizer sets no bound of its own). "
+            f"However, your {what} has {size} bytes of text. Please reduce the length of the {what}.",
+            param,
+        )
 
     def completion_room(self, prompt_tokens: int, wanted: int) -> int:
         """max_tokens for a request that set none: the default, or what the context has left."""

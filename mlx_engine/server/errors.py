@@ -149,11 +149,14 @@ def to_error(exc: BaseException, request_id: Optional[str] = None, redact: Redac
         request_id = g.get("request_id")
     status, body = _classify(exc, request_id)
     error = body["error"]
-    message = redact(error["message"])
-    if message != error["message"] or isinstance(exc, ModelLoadError):
-        log.warning("request %s: %s", request_id, printable(error["message"], MAX_MESSAGE_CHARS))
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+    original = error["message"]
+    # Bounded before redacting, so a message quoting a huge input costs no more than a short one.
+    bounded = original if len(original) <= MAX_MESSAGE_CHARS else (
+        original[:MAX_MESSAGE_CHARS] + f"... ({len(original) - MAX_MESSAGE_CHARS} more characters)"
+    )
+    message = redact(bounded)
+    if message != bounded or isinstance(exc, ModelLoadError):
+        log.warning("request %s: %s", request_id, printable(original, MAX_MESSAGE_CHARS))
     error["message"] = message
     return status, body
 
