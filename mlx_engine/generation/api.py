@@ -23,14 +23,14 @@ from ..interventions.resolve import InterventionRequest, resolve_interventions
 from ..loading import ModelKit, tokenize
 from .cache import ActivationCache
 from .chunks import join_chunks
-from .loop import DEFAULT_PREFILL_STEP, Sampling, token_steps
+from .loop import DEFAULT_PREFILL_STEP, Sampling, TokenStep, token_steps
 from .text import TextStream
 from .types import GenerationResult
 
 _SAMPLING_FIELDS = {f.name for f in fields(Sampling)}
 
 
-def _sampling(kwargs: dict[str, Any]) -> tuple[Sampling, tuple[str, ...]]:
+def sampling_args(kwargs: dict[str, Any]) -> tuple[Sampling, tuple[str, ...]]:
     unknown = set(kwargs) - _SAMPLING_FIELDS - {"stop_strings"}
     if unknown:
         raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; valid: {', '.join(sorted(_SAMPLING_FIELDS | {'stop_strings'}))}")
@@ -66,7 +66,7 @@ def create_generator_with_activations(
     `should_stop` is asked between prefill chunks; True ends the prefill with
     GenerationCancelled (a server whose client left stops within one chunk).
     """
-    sampling, stop = _sampling(generation_kwargs)
+    sampling, stop = sampling_args(generation_kwargs)
     hooks = resolve_hooks(kit.arch_info, kit.native, activation_hooks)
     edits = _bound(kit, interventions, len(prompt_tokens), sampling.max_tokens, sources)
     if capture_budget_bytes is not None:
@@ -88,25 +88,30 @@ def _generate(
     try:
         text = TextStream(kit.tokenizer.detokenizer, kit.eos_token_ids, stop, sampling.max_tokens)
         for step in token_steps(kit, prompt_tokens, session, sampling, should_stop):
-            piece, finish = text.push(step.token, step.step)
-            result = GenerationResult(
-                text=piece,
-                token=step.token,
-                step=step.step,
-                logprob=step.logprob,
-                top_logprobs=step.top_logprobs,
-                finish_reason=finish,
-                prompt_tokens=len(prompt_tokens),
-                generation_tokens=step.step + 1,
-                prompt_tps=step.prompt_tps,
-                generation_tps=step.generation_tps,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-            )
+            result = step_result(step, text, len(prompt_tokens))
             yield result, step.activations
-            if finish is not None:
+            if result.finish_reason is not None:
                 break
     finally:
         session.disarm()
+
+
+def step_result(step: TokenStep, text: TextStream, n_prompt: int) -> GenerationResult:
+    """The GenerationResult for one token: its text and, on the last one, the finish reason."""
+    piece, finish = text.push(step.token, step.step)
+    return GenerationResult(
+        text=piece,
+        token=step.token,
+        step=step.step,
+        logprob=step.logprob,
+        top_logprobs=step.top_logprobs,
+        finish_reason=finish,
+        prompt_tokens=n_prompt,
+        generation_tokens=step.step + 1,
+        prompt_tps=step.prompt_tps,
+        generation_tps=step.generation_tps,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+    )
 
 
 def create_generator(

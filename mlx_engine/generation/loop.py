@@ -15,10 +15,10 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from ..hooks.capture import Capture, StepActivations
 from ..loading import ModelKit
+from .sampling import KeyedSampler
 from .types import TokenLogprob
 
 DEFAULT_PREFILL_STEP = 512
@@ -91,6 +91,76 @@ def group_captures(captures: list[Capture]) -> StepActivations:
     return grouped
 
 
+def sampler_for(s: Sampling) -> KeyedSampler:
+    return KeyedSampler(temp=s.temp, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k, seed=s.seed)
+
+
+def head_kwargs(kit: ModelKit) -> dict[str, bool]:
+    # Our models can skip the LM head on prompt positions whose logits nobody reads;
+    # mlx-lm's fallback classes compute it for all of them.
+    return {"last_only": True} if kit.native else {}
+
+
+def choose(sampler: KeyedSampler, logits: mx.array) -> tuple[mx.array, mx.array]:
+    """The token [] and the logprobs [vocab] for one row's logits [1, vocab]."""
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs).squeeze(0), logprobs.squeeze(0)
+
+
+def enqueue(token: mx.array, logprobs: mx.array, captures: list[Capture], top_logprobs: int) -> tuple[mx.array, ...]:
+    """Start evaluating what is read back for one token: (logprob, [top ids, top logprobs])."""
+    # Everything read back for this token is built into this pass's graph: an op made
+    # later would queue on the stream behind the next pass, and reading it would wait
+    # for that whole pass.
+    picked: tuple[mx.array, ...] = (logprobs[token],)
+    if top_logprobs > 0:
+        k = min(top_logprobs, logprobs.size)
+        ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+        order = mx.argsort(-logprobs[ids])
+        picked = (picked[0], ids[order], logprobs[ids][order])
+    arrays = [token, *picked]  # the vocab-sized logprobs stay an intermediate
+    for c in captures:
+        arrays.extend(c.lazy_arrays())
+    mx.async_eval(*arrays)
+    return picked
+
+
+def read_top(picked: tuple[mx.array, ...]) -> list[TokenLogprob]:
+    if len(picked) == 1:
+        return []
+    return [TokenLogprob(int(i), float(v)) for i, v in zip(picked[1].tolist(), picked[2].tolist())]
+
+
+def prefill(
+    kit: ModelKit,
+    prompt_tokens: Sequence[int],
+    recorder: PassRecorder,
+    sampling: Sampling,
+    cache: list,
+    start: int = 0,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> tuple[mx.array, list[Capture]]:
+    """Step 0: positions [start, len) of the prompt in chunks (the cache holds [0, start));
+    the last chunk's logits [1, vocab] and every chunk's captures."""
+    n_prompt, step = len(prompt_tokens), sampling.prefill_step_size
+    if not 0 <= start < n_prompt:
+        raise ValueError(f"prefill must run at least the last prompt position: start {start}, prompt of {n_prompt} tokens")
+    prompt = mx.array(prompt_tokens, dtype=mx.uint32)
+    kwargs = head_kwargs(kit)
+    step0: list[Capture] = []
+    for begin in range(start, n_prompt, step):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled(begin, n_prompt)
+        chunk = prompt[begin : begin + step]
+        recorder.begin_pass(0, begin, begin + chunk.size)
+        logits = kit.model(chunk[None], cache=cache, **kwargs)[:, -1, :]
+        captures = recorder.end_pass()
+        step0.extend(captures)
+        if begin + step < n_prompt:
+            mx.eval([c.state for c in cache], [c.array for c in captures])
+    return logits, step0
+
+
 def token_steps(
     kit: ModelKit,
     prompt_tokens: Sequence[int],
@@ -106,54 +176,21 @@ def token_steps(
     model = kit.model
     s = sampling
     check_prompt(prompt_tokens, s.max_tokens, kit.arch_info.vocab_size)
-    if s.seed is not None:
-        mx.random.seed(s.seed)
-    sampler = make_sampler(temp=s.temp, top_p=s.top_p if 0 < s.top_p < 1 else 0.0, min_p=s.min_p, top_k=s.top_k)
+    sampler = sampler_for(s)
     cache = make_prompt_cache(model)
     n_prompt = len(prompt_tokens)
-    prompt = mx.array(prompt_tokens, dtype=mx.uint32)
-    # Our models can skip the LM head on prompt positions whose logits nobody reads;
-    # mlx-lm's fallback classes compute it for all of them.
-    head_kwargs = {"last_only": True} if kit.native else {}
+    kwargs = head_kwargs(kit)
 
     def forward(tokens: mx.array, step: int, start: int) -> tuple[mx.array, list[Capture]]:
         recorder.begin_pass(step, start, start + tokens.size)
-        logits = model(tokens[None], cache=cache, **head_kwargs)[:, -1, :]
+        logits = model(tokens[None], cache=cache, **kwargs)[:, -1, :]
         return logits, recorder.end_pass()
-
-    def choose(logits: mx.array) -> tuple[mx.array, mx.array]:
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs).squeeze(0), logprobs.squeeze(0)
-
-    def enqueue(token: mx.array, logprobs: mx.array, captures: list[Capture]) -> tuple[mx.array, ...]:
-        # Everything read back for this token (its logprob, the top alternatives) is built
-        # into this pass's graph: an op made later would queue on the stream behind the
-        # next pass, and reading it would wait for that whole pass.
-        picked: tuple[mx.array, ...] = (logprobs[token],)
-        if s.top_logprobs > 0:
-            k = min(s.top_logprobs, logprobs.size)
-            ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
-            order = mx.argsort(-logprobs[ids])
-            picked = (picked[0], ids[order], logprobs[ids][order])
-        arrays = [token, *picked]  # the vocab-sized logprobs stay an intermediate
-        for c in captures:
-            arrays.extend(c.lazy_arrays())
-        mx.async_eval(*arrays)
-        return picked
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    # Step 0: the prompt, in chunks; only the last chunk's logits choose a token.
-    step0: list[Capture] = []
-    for start in range(0, n_prompt, s.prefill_step_size):
-        if should_stop is not None and should_stop():
-            raise GenerationCancelled(start, n_prompt)
-        logits, captures = forward(prompt[start : start + s.prefill_step_size], 0, start)
-        step0.extend(captures)
-        if start + s.prefill_step_size < n_prompt:
-            mx.eval([c.state for c in cache], [c.array for c in captures])
-    token, logprobs = choose(logits)
-    current = (token, step0, enqueue(token, logprobs, step0))
+    logits, step0 = prefill(kit, prompt_tokens, recorder, s, cache, 0, should_stop)
+    token, logprobs = choose(sampler, logits)
+    current = (token, step0, enqueue(token, logprobs, step0, s.top_logprobs))
 
     prompt_tps = 0.0
     gen_tic = tic
@@ -161,21 +198,18 @@ def token_steps(
         token, captures, picked = current
         if n + 1 < s.max_tokens:
             next_logits, next_captures = forward(token.reshape(1), n + 1, n_prompt + n)
-            next_token, next_logprobs = choose(next_logits)
-            current = (next_token, next_captures, enqueue(next_token, next_logprobs, next_captures))
+            next_token, next_logprobs = choose(sampler, next_logits)
+            current = (next_token, next_captures, enqueue(next_token, next_logprobs, next_captures, s.top_logprobs))
         token_id = token.item()
         if n == 0:
             prompt_tps = n_prompt / (time.perf_counter() - tic)
             gen_tic = time.perf_counter()
-        top: list[TokenLogprob] = []
-        if s.top_logprobs > 0:
-            top = [TokenLogprob(int(i), float(v)) for i, v in zip(picked[1].tolist(), picked[2].tolist())]
         elapsed = time.perf_counter() - gen_tic
         yield TokenStep(
             token=token_id,
             step=n,
             logprob=float(picked[0].item()),
-            top_logprobs=top,
+            top_logprobs=read_top(picked),
             activations=group_captures(captures),
             prompt_tps=prompt_tps,
             generation_tps=(n + 1) / elapsed if elapsed > 0 else 0.0,

@@ -17,7 +17,7 @@ import mlx.core as mx
 from .capture import Capture
 from .components import EXPERT_COMPONENTS, HEAD_COMPONENTS, KEYED_COMPONENTS, ComponentType
 from .names import ResolvedHook
-from .point import HookPoint
+from .point import HookFn, HookPoint
 
 if TYPE_CHECKING:
     from ..interventions.ops import BoundIntervention
@@ -173,6 +173,18 @@ class HookSession:
                 )
             )
 
+    def handlers(self) -> list[tuple[HookPoint, HookFn]]:
+        """Each point this session arms, with the function it would set there.
+
+        A batch of runs (generation/batch.py) arms one dispatcher per point instead, which
+        hands each row's slice [1, ...] of the tensor to that row's session's function.
+        """
+        return [(point, self._edit if key in self._edited else self._record) for key, point in self._armed.items()]
+
+    @property
+    def edits(self) -> bool:
+        return bool(self._edited)
+
     def arm(self) -> None:
         for point in self._armed.values():
             if point.fn is not None:
@@ -180,8 +192,8 @@ class HookSession:
                     f"Hook point {point.name} is already armed by another session on this model; "
                     "finish or close that generator first."
                 )
-        for key, point in self._armed.items():
-            point.fn = self._edit if key in self._edited else self._record
+        for point, fn in self.handlers():
+            point.fn = fn
 
     def disarm(self) -> None:
         for point in self._armed.values():

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, RotatingKVCache
 
 from .base import BlockHooks
 
@@ -93,13 +93,21 @@ def _explicit_attention(
     """Scores, mask, softmax (with sinks) and weighted sum, written out so each can be captured."""
     B, n_heads, T, D = queries.shape
     n_kv, S = keys.shape[1], keys.shape[2]
-    positions = key_positions(cache, S, n_new)
-    if _is_ring_order(cache, S, n_new):
-        # Present key columns in temporal order; attention is order-free over keys.
-        order = mx.argsort(positions)
-        positions = positions[order]
-        keys = keys[:, :, order]
-        values = values[:, :, order]
+    if isinstance(cache, BatchKVCache):
+        allowed, context = _batch_allowed(cache, offset, T, S, window)
+    else:
+        positions = key_positions(cache, S, n_new)
+        if _is_ring_order(cache, S, n_new):
+            # Present key columns in temporal order; attention is order-free over keys.
+            order = mx.argsort(positions)
+            positions = positions[order]
+            keys = keys[:, :, order]
+            values = values[:, :, order]
+        query_pos = mx.arange(offset, offset + T)[:, None]
+        allowed = positions[None, :] <= query_pos
+        if window is not None:
+            allowed = allowed & (positions[None, :] > query_pos - window)
+        context = {"key_positions": positions}
 
     groups = n_heads // n_kv
     q = queries.astype(mx.float32).reshape(B, n_kv, groups, T, D)
@@ -109,23 +117,37 @@ def _explicit_attention(
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap
 
-    query_pos = mx.arange(offset, offset + T)[:, None]
-    allowed = positions[None, :] <= query_pos
-    if window is not None:
-        allowed = allowed & (positions[None, :] > query_pos - window)
     scores = mx.where(allowed, scores, -mx.inf)
-    scores = hooks.attention_scores(scores, key_positions=positions)
+    scores = hooks.attention_scores(scores, **context)
 
     if sinks is not None:
         sink_logits = mx.broadcast_to(sinks.astype(mx.float32)[None, :, None, None], (B, n_heads, T, 1))
         probs = mx.softmax(mx.concatenate([scores, sink_logits], axis=-1), axis=-1, precise=True)[..., :-1]
     else:
         probs = mx.softmax(scores, axis=-1, precise=True)
-    probs = hooks.attention_pattern(probs, key_positions=positions)
+    probs = hooks.attention_pattern(probs, **context)
 
     v = values.astype(mx.float32)[:, :, None]
     out = probs.reshape(B, n_kv, groups, T, S) @ v
     return out.reshape(B, n_heads, T, D).astype(queries.dtype)
+
+
+def _batch_allowed(cache: BatchKVCache, offset: mx.array, T: int, S: int, window: Optional[int]) -> tuple[mx.array, dict[str, Any]]:
+    """The mask [B, 1, T, S] of a left-padded batch (generation/batch.py) and its capture context.
+
+    Row i's keys start at column `left_padding[i]`, its positions count from there, and its
+    queries sit at its own offset. `row_keys` gives each row's first real column and key
+    positions, so a capture of row i sees exactly the columns a batch-1 run has.
+    """
+    pads = cache.left_padding
+    positions = mx.arange(S)[None, :] - pads[:, None]  # [B, S]
+    query_pos = offset[:, None] + mx.arange(T)[None, :]  # [B, T]
+    keys_pos, q = positions[:, None, :], query_pos[:, :, None]
+    allowed = (keys_pos >= 0) & (keys_pos <= q)
+    if window is not None:
+        allowed = allowed & (keys_pos > q - window)
+    row_keys = [(p, mx.arange(S - p)) for p in pads.tolist()]
+    return allowed[:, None], {"row_keys": row_keys}
 
 
 def layer_masks(x: mx.array, caches: list[Any], layers: list[Any], window: Optional[int]) -> list[Union[None, str, mx.array]]:

@@ -1,17 +1,19 @@
 """The one thread that does model work, and the queue that feeds it.
 
 MLX arrays and streams belong to the thread that created them, so loading, generating
-and encoding captures all run here, one job at a time in arrival order. That order is
-also the server's scheduling policy: one generation at a time, queued requests served
-first come first served, none dropped. Request threads only submit jobs and read what a
-job hands back, which is plain Python data (dicts, strings, bytes), never an mx.array.
+and encoding captures all run here, one job at a time in arrival order. A generation
+that may be batched runs only its prefill as a job, then joins the running batch
+(batching.py); while a batch decodes, the thread alternates between one decode step and
+the next queued job, so requests join and leave between steps, served first come first
+served, none dropped. Request threads only submit jobs and read what a job hands back,
+which is plain Python data (dicts, strings, bytes), never an mx.array.
 
 A streaming job hands its events through a bounded queue. The reader may cancel it
 (client gone); the job sees that at its next event, within one generation step, or
 between two prefill chunks of a long prompt, and the engine moves on to the next job.
 
 `quiesce` is for shutdown: jobs still queued are refused (`EngineStopped`) instead of
-run, and once the running one ends the thread stays parked in its queue wait. It is not
+run, and once the running ones end (every row of the batch) the thread stays parked in its queue wait. It is not
 joined on purpose: MLX keeps per-thread caches whose destructors run as the thread ends
 and need the GIL; racing the interpreter's finalization they abort the process. A thread
 blocked in a lock wait is simply gone when the process exits.
@@ -26,6 +28,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
+
+from .batching import Batcher
 
 log = logging.getLogger("mlx_engine.server.engine")
 
@@ -115,10 +119,16 @@ class EngineStats:
     failed_generations: int = 0
 
 
-class EngineThread:
-    """A single daemon thread running submitted jobs in order."""
+# A streaming job may hand its rest to the batch: it returns `adopt`, which the engine calls
+# with the function the batch calls once the job's generation ends (None: it completed).
+Adopt = Callable[[Callable[[Optional[BaseException]], None]], None]
 
-    def __init__(self, name: str = "mlx-engine") -> None:
+
+class EngineThread:
+    """A single daemon thread running submitted jobs in order, and decoding the batch between them."""
+
+    def __init__(self, name: str = "mlx-engine", batcher: Optional[Batcher] = None) -> None:
+        self.batcher = batcher if batcher is not None else Batcher()
         self._jobs: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._pending = 0
@@ -135,7 +145,7 @@ class EngineThread:
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        return self._busy or self.batcher.active
 
     @property
     def queue_depth(self) -> int:
@@ -167,8 +177,11 @@ class EngineThread:
         self._put(job)
         return future.result(timeout=timeout)
 
-    def stream(self, request_id: str, fn: Callable[[EventStream], None]) -> EventStream:
-        """Run `fn(stream)` on the engine thread; it emits events the caller reads from `stream`."""
+    def stream(self, request_id: str, fn: Callable[[EventStream], Optional[Adopt]]) -> EventStream:
+        """Run `fn(stream)` on the engine thread; it emits events the caller reads from `stream`.
+
+        `fn` either runs to its end or returns an `Adopt` that hands its rest to the batch.
+        """
         stream = EventStream()
 
         def job() -> None:
@@ -177,28 +190,39 @@ class EngineThread:
                 self.stats.cancelled_generations += 1
                 stream._finish(EngineStopped() if self._stopping.is_set() else None)
                 return
-            error: Optional[BaseException] = None
             try:
-                fn(stream)
-                self.stats.completed_generations += 1
-            except Cancelled as exc:
-                self.stats.cancelled_generations += 1
-                self.stats.cancelled_in_prefill += int(exc.during_prefill)
-                when = "during the prefill" if exc.during_prefill else "while generating"
-                log.info("request %s: reader went away %s; generation stopped", request_id, when)
+                adopt = fn(stream)
             except BaseException as exc:
-                self.stats.failed_generations += 1
-                error = exc
-            stream._finish(error)
+                self._settle(request_id, stream, exc)
+                return
+            if adopt is None:
+                self._settle(request_id, stream, None)
+            else:
+                adopt(lambda exc: self._settle(request_id, stream, exc))
 
         self._put(job)
         return stream
+
+    def _settle(self, request_id: str, stream: EventStream, exc: Optional[BaseException]) -> None:
+        """Count a generation's end and close its stream (with the error, if it failed)."""
+        error: Optional[BaseException] = None
+        if exc is None:
+            self.stats.completed_generations += 1
+        elif isinstance(exc, Cancelled):
+            self.stats.cancelled_generations += 1
+            self.stats.cancelled_in_prefill += int(exc.during_prefill)
+            when = "during the prefill" if exc.during_prefill else "while generating"
+            log.info("request %s: reader went away %s; generation stopped", request_id, when)
+        else:
+            self.stats.failed_generations += 1
+            error = exc
+        stream._finish(error)
 
     def quiesce(self, timeout: float) -> bool:
         """Refuse queued jobs and wait for the running one to end; whether the thread is idle in time."""
         self._stopping.set()
         deadline = time.monotonic() + timeout
-        while self._busy or self.queue_depth:
+        while self.busy or self.queue_depth:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(_POLL_S / 5)
@@ -219,10 +243,26 @@ class EngineThread:
             self._pending += 1
         self._jobs.put(job)
 
+    def _next_job(self) -> Optional[Callable[[], None]]:
+        """The next queued job; while a batch decodes, its next step when no job waits or it is full."""
+        while self.batcher.active:
+            if not self.batcher.full:
+                try:
+                    return self._jobs.get_nowait()
+                except queue.Empty:
+                    pass
+            self._busy = True
+            try:
+                self.batcher.step()
+            finally:
+                self._busy = False
+        return self._jobs.get()
+
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
+            job = self._next_job()
             if job is None:
+                self.batcher.close(EngineStopped())
                 return
             with self._lock:
                 self._pending -= 1

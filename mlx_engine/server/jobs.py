@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Optional, Union
 
 from jinja2 import TemplateError
@@ -34,9 +35,10 @@ from ..interventions.resolve import ResolvedIntervention
 from ..loading import chat_tokens, tokenize
 from ..wire.codec import encode_capture
 from ..wire.files import captures_to_safetensors
+from .batching import Batcher
 from .capture_store import CaptureStore
 from .context import chat_texts
-from .engine import Cancelled, EventStream
+from .engine import Adopt, Cancelled, EventStream
 from .errors import APIError
 from .intervention_sources import bind_request_interventions
 from .loaded_models import LoadedModel
@@ -121,6 +123,7 @@ class Finished:
     reasoning_tokens: int
     capture_id: Optional[str]
     capture_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
 
 
 @dataclass
@@ -167,8 +170,14 @@ class _HarmonyText:
         return content, delta.reasoning, route, result.finish_reason
 
 
-def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStore, budget_bytes: Optional[int]) -> None:
-    """The engine-thread job behind every completion request (see module docstring)."""
+def run_generation(
+    plan: GenerationPlan, stream: EventStream, store: CaptureStore, budget_bytes: Optional[int], batcher: Optional[Batcher] = None
+) -> Optional[Adopt]:
+    """The engine-thread job behind every completion request (see module docstring).
+
+    With a `batcher`, a request that may be batched prefills here and returns the `Adopt`
+    that hands its decoding to the batch; any other runs to its end here.
+    """
     kit = plan.model.kit
     prompt_ids = _prompt_ids(plan)
     limits = plan.model.limits
@@ -189,15 +198,23 @@ def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStor
     if budget_bytes is not None and plan.hooks:
         itemsize = kit.activation_itemsize
         check_budget(kit.arch_info, plan.hooks, len(prompt_ids), max_tokens, itemsize, budget_bytes, encoding=plan.activation_format)
+
     # Between prefill chunks the loop asks whether the reader left (client gone, server stopping).
-    pairs = create_generator_with_activations(
-        kit, prompt_ids, plan.hooks or [], interventions=edits, should_stop=lambda: stream.cancelled, **kwargs
-    )
+    def should_stop() -> bool:
+        return stream.cancelled
+
+    pairs: Optional[Iterator[tuple[Any, Any]]] = None
+    if batcher is None or not batcher.accepts(kit, plan.hooks or [], edits):
+        pairs = create_generator_with_activations(kit, prompt_ids, plan.hooks or [], interventions=edits, should_stop=should_stop, **kwargs)
     capture_id = f"cap-{uuid.uuid4().hex}" if plan.hooks is not None else None
 
     try:
         try:
-            first = next(pairs)
+            if pairs is not None:
+                row, first = None, next(pairs)
+            else:
+                assert batcher is not None
+                row, first = batcher.open(kit, prompt_ids, plan.hooks or [], edits, should_stop, kwargs)
         except GenerationCancelled:
             raise Cancelled(during_prefill=True) from None
         except (HookSpecError, CaptureBudgetError):
@@ -206,74 +223,100 @@ def run_generation(plan: GenerationPlan, stream: EventStream, store: CaptureStor
             raise APIError(str(exc), param="prompt") from exc
         prompt_texts = [_token_text(kit, t) for t in prompt_ids]
         stream.emit(Started(prompt_ids, prompt_texts, capture_id, edited))
-        _steps(plan, first, pairs, prompt_ids, prompt_texts, capture_id, stream, store, edited)
+        cached = row.cached_tokens if row is not None else 0
+        writer = _StepWriter(plan, prompt_ids, prompt_texts, capture_id, stream, store, edited, cached)
+        if writer.push(*first):
+            return None
+        if row is not None:
+            assert batcher is not None
+            return partial(batcher.join, row, writer.push)
+        assert pairs is not None
+        for pair in pairs:
+            if writer.push(*pair):
+                return None
+        writer.finish(None)
+        return None
     finally:
-        pairs.close()
+        if pairs is not None:
+            pairs.close()  # type: ignore[attr-defined]
 
 
-def _steps(
-    plan: GenerationPlan,
-    first: tuple[Any, Any],
-    pairs: Iterator[tuple[Any, Any]],
-    prompt_ids: list[int],
-    prompt_texts: list[str],
-    capture_id: Optional[str],
-    stream: EventStream,
-    store: CaptureStore,
-    edited: Optional[list[dict[str, Any]]] = None,
-) -> None:
-    kit = plan.model.kit
-    tokens = plan.model.harmony_tokens
-    harmony = _HarmonyText(kit.tokenizer.decode, tokens, plan.stop) if plan.harmony and tokens is not None else None
-    captures: dict[str, list[Capture]] = {}
-    totals = _Totals()
-    finish: Optional[str] = None
-    pair: Optional[tuple[Any, Any]] = first
-    while pair is not None:
-        result, acts = pair
+class _StepWriter:
+    """Turns each generated token into a Step event; the last one also stores the capture and emits Finished."""
+
+    def __init__(
+        self,
+        plan: GenerationPlan,
+        prompt_ids: list[int],
+        prompt_texts: list[str],
+        capture_id: Optional[str],
+        stream: EventStream,
+        store: CaptureStore,
+        edited: Optional[list[dict[str, Any]]] = None,
+        cached_tokens: int = 0,
+    ) -> None:
+        self.plan, self.prompt_ids, self.prompt_texts = plan, prompt_ids, prompt_texts
+        self.capture_id, self.stream, self.store, self.edited = capture_id, stream, store, edited
+        self.cached_tokens = cached_tokens
+        kit = plan.model.kit
+        tokens = plan.model.harmony_tokens
+        self.harmony = _HarmonyText(kit.tokenizer.decode, tokens, plan.stop) if plan.harmony and tokens is not None else None
+        self.captures: dict[str, list[Capture]] = {}
+        self.totals = _Totals()
+
+    def push(self, result: Any, acts: Any) -> bool:
+        """Emit one token's Step; True once the generation is over (Finished emitted too)."""
+        plan, kit = self.plan, self.plan.model.kit
         token_text = _token_text(kit, result.token)
-        if harmony is not None:
-            content, reasoning, route, finish = harmony.push(result)
+        if self.harmony is not None:
+            content, reasoning, route, finish = self.harmony.push(result)
         else:
             content, reasoning, route, finish = result.text, "", Route.CONTENT, result.finish_reason
         encoded = None
-        if capture_id is not None:
+        if self.capture_id is not None:
             encoded = {hook: [encode_capture(c, plan.activation_format) for c in caps] for hook, caps in acts.items()}
             for hook, caps in acts.items():
-                captures.setdefault(hook, []).extend(caps)
+                self.captures.setdefault(hook, []).extend(caps)
+        totals = self.totals
         totals.generated_ids.append(result.token)
         totals.generated_text.append(token_text)
         totals.reasoning_tokens += route is Route.REASONING
         top = [TopAlternative(t.token, _token_text(kit, t.token), t.logprob) for t in result.top_logprobs]
-        stream.emit(Step(result.token, token_text, content, reasoning, route, result.logprob, top, encoded))
-        pair = None if finish is not None else next(pairs, None)
+        self.stream.emit(Step(result.token, token_text, content, reasoning, route, result.logprob, top, encoded))
+        if finish is None:
+            return False
+        self.finish(finish)
+        return True
 
-    stored_bytes = 0
-    if capture_id is not None:
-        metadata = {
-            "capture_id": capture_id,
-            "model": plan.model.model_id,
-            "request_id": plan.request_id,
-            "prompt_token_ids": json.dumps(prompt_ids),
-            "generated_token_ids": json.dumps(totals.generated_ids),
-            "prompt_tokens_text": json.dumps(prompt_texts),
-            "generated_tokens_text": json.dumps(totals.generated_text),
-        }
-        if edited is not None:
-            metadata["interventions"] = json.dumps(edited)
-        blob = captures_to_safetensors(captures, metadata)
-        if store.put(capture_id, plan.model.model_id, blob):
-            stored_bytes = len(blob)
-        else:
-            log.warning("request %s: capture of %d bytes exceeds the store's bound; not kept", plan.request_id, len(blob))
-            capture_id = None
-    stream.emit(
-        Finished(
-            finish_reason=finish or "length",
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(totals.generated_ids),
-            reasoning_tokens=totals.reasoning_tokens,
-            capture_id=capture_id,
-            capture_bytes=stored_bytes,
+    def finish(self, finish: Optional[str]) -> None:
+        plan, totals, capture_id = self.plan, self.totals, self.capture_id
+        stored_bytes = 0
+        if capture_id is not None:
+            metadata = {
+                "capture_id": capture_id,
+                "model": plan.model.model_id,
+                "request_id": plan.request_id,
+                "prompt_token_ids": json.dumps(self.prompt_ids),
+                "generated_token_ids": json.dumps(totals.generated_ids),
+                "prompt_tokens_text": json.dumps(self.prompt_texts),
+                "generated_tokens_text": json.dumps(totals.generated_text),
+            }
+            if self.edited is not None:
+                metadata["interventions"] = json.dumps(self.edited)
+            blob = captures_to_safetensors(self.captures, metadata)
+            if self.store.put(capture_id, plan.model.model_id, blob):
+                stored_bytes = len(blob)
+            else:
+                log.warning("request %s: capture of %d bytes exceeds the store's bound; not kept", plan.request_id, len(blob))
+                capture_id = None
+        self.stream.emit(
+            Finished(
+                finish_reason=finish or "length",
+                prompt_tokens=len(self.prompt_ids),
+                completion_tokens=len(totals.generated_ids),
+                reasoning_tokens=totals.reasoning_tokens,
+                capture_id=capture_id,
+                capture_bytes=stored_bytes,
+                cached_tokens=self.cached_tokens,
+            )
         )
-    )

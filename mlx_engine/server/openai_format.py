@@ -54,6 +54,7 @@ def usage(finished: Finished, harmony: bool) -> dict[str, Any]:
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
         "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": finished.cached_tokens},
     }
     if harmony:
         out["completion_tokens_details"] = {"reasoning_tokens": finished.reasoning_tokens}

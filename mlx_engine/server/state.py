@@ -14,6 +14,7 @@ from flask import current_app, g, request
 from pydantic import BaseModel
 
 from ..loading import load_model
+from .batching import Batcher
 from .capture_store import CaptureStore
 from .config import ServerConfig
 from .engine import EngineThread
@@ -40,7 +41,7 @@ class ServerState:
     def create(cls, config: ServerConfig) -> "ServerState":
         return cls(
             config=config,
-            engine=EngineThread(),
+            engine=EngineThread(batcher=Batcher(config.max_batch_size, config.prompt_cache_bytes)),
             registry=ModelRegistry(),
             store=CaptureStore(config.capture_store_items, config.capture_store_bytes),
             redact=Redactor(config.model_roots),
@@ -82,7 +83,8 @@ class ServerState:
         """
         plan.check_length()
         budget = self.config.capture_budget_bytes if self.config.capture_budget_mb > 0 else None
-        stream = self.engine.stream(plan.request_id, partial(run_generation, plan, store=self.store, budget_bytes=budget))
+        job = partial(run_generation, plan, store=self.store, budget_bytes=budget, batcher=self.engine.batcher)
+        stream = self.engine.stream(plan.request_id, job)
         disconnected = request.environ.get("waitress.client_disconnected")
         return started(read_events(stream, disconnected, self.stopping.is_set))
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, current_app, jsonify
 
+from ..batching import Batcher
 from ..openapi import build_openapi, operation
 from ..schemas.responses import HealthResponse
 from ..state import state
@@ -36,8 +39,31 @@ def health() -> Response:
                 "max_items": st.store.max_items,
                 "max_bytes": st.store.max_bytes,
             },
+            "batching": batching_status(engine.batcher),
         }
     )
+
+
+def batching_status(batcher: Batcher) -> dict[str, Any]:
+    stats, prefix = batcher.stats, batcher.prefix
+    cache = None
+    if prefix is not None:
+        cache = {
+            "entries": len(prefix),
+            "bytes": prefix.total_bytes,
+            "max_bytes": prefix.max_bytes,
+            "hits": prefix.stats.hits,
+            "cached_tokens": prefix.stats.cached_tokens,
+        }
+    return {
+        "max_batch_size": batcher.max_batch_size,
+        "rows": batcher.rows,
+        "largest_batch": stats.largest_batch,
+        "decode_steps": stats.decode_steps,
+        "batched_steps": stats.batched_steps,
+        "solo_generations": stats.solo_generations,
+        "prompt_cache": cache,
+    }
 
 
 @bp.get("/openapi.json")

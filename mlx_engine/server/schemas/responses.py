@@ -44,10 +44,15 @@ class ChoiceLogprobs(BaseModel):
     content: Optional[list[TokenLogprob]]
 
 
+class PromptTokensDetails(Open):
+    cached_tokens: int = Field(description="Prompt tokens whose KV cache was reused from an earlier request with the same prefix.")
+
+
 class Usage(Open):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 _PYTHON_TYPES: dict[str, Any] = {"string": str, "integer": int, "boolean": bool, "array": list[int]}
@@ -293,11 +298,30 @@ class CaptureStoreStatus(BaseModel):
     max_bytes: int
 
 
+class PromptCacheStatus(BaseModel):
+    entries: int
+    bytes: int
+    max_bytes: int
+    hits: int = Field(description="Requests that reused a stored prompt prefix.")
+    cached_tokens: int = Field(description="Prompt tokens served from the cache, over all hits.")
+
+
+class BatchingStatus(BaseModel):
+    max_batch_size: int
+    rows: int = Field(description="Generations decoding in the batch now.")
+    largest_batch: int = Field(description="The most generations one decode step has run together.")
+    decode_steps: int
+    batched_steps: int = Field(description="Decode steps that ran more than one generation.")
+    solo_generations: int = Field(description="Generations that could not be batched (models without plain KV caches: sliding windows, GPT-2, fallback classes) and ran alone.")
+    prompt_cache: Optional[PromptCacheStatus] = Field(description="null when the prompt cache is off.")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded", "shutting_down"]
     models: list[str]
     engine: EngineStatus
     capture_store: CaptureStoreStatus
+    batching: BatchingStatus
 
 
 class ProcessMemory(BaseModel):
