@@ -14,7 +14,9 @@ Contenders and modes:
   transformers none / residuals (output_hidden_states) / pattern_last (output_attentions,
                      eager attention: transformers returns every layer's full pattern)
 Each process warms up on a 16-token prompt first and reports the median of `--repeats`
-timed runs. The results JSON and a Markdown table go to a new timestamped folder.
+timed runs. results.json and RESULTS-long-prompts.md (written from it by
+long_prompts_report.py) go to a new timestamped folder; the committed copies in benchmarks/
+are those of the last full run.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoints import ModelSpec, ensure_synth, export_for_transformers
+from .long_prompts_report import table, write_long_prompt_report  # noqa: F401  (table: the rows as Markdown)
+from .machine import machine_summary, versions
 from .worker import memory_status
 
 SPEC = ModelSpec("llama-125m-f32", "llama-125m", "float32")
@@ -122,32 +127,8 @@ def _spawn(contender: str, folder: Path, mode: str, n: int, repeats: int, vocab:
     for line in proc.stdout.splitlines():
         if line.startswith("@@ "):
             return json.loads(line[3:])
-    return {"contender": contender, "mode": mode, "tokens": n, "error": (proc.stderr or proc.stdout)[-600:]}
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    """One line per length: each measurement's seconds and peak RSS, and ours over transformers."""
-    by = {(r["contender"], r["mode"], r["tokens"]): r for r in rows}
-    lengths = sorted({r["tokens"] for r in rows})
-    cols = [("ours", "generate"), ("ours", "none"), ("transformers", "none"), ("ours", "residuals"),
-            ("transformers", "residuals"), ("ours", "pattern_last"), ("transformers", "pattern_last")]
-    head = "| tokens | " + " | ".join(f"{c} {m} s (peak GiB)" for c, m in cols) + " | generate / tf none | residuals / tf |"
-    lines = [head, "|" + "---|" * (len(cols) + 3)]
-    for n in lengths:
-        cells = []
-        for key in cols:
-            r = by.get((*key, n))
-            cells.append("n/a" if r is None else r.get("error", "") and "failed" or f"{r['seconds']:.2f} ({r['peak_rss'] / 2**30:.2f})")
-
-        def ratio(a: tuple[str, str], b: tuple[str, str]) -> str:
-            x, y = by.get((*a, n)), by.get((*b, n))
-            if not x or not y or "error" in x or "error" in y:
-                return "n/a"
-            return f"{x['seconds'] / y['seconds']:.2f}x"
-
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {ratio(('ours', 'generate'), ('transformers', 'none'))} | "
-                     f"{ratio(('ours', 'residuals'), ('transformers', 'residuals'))} |")
-    return "\n".join(lines)
+    status = "killed by SIGKILL (on Linux usually the OOM killer: see dmesg)" if proc.returncode == -9 else f"exit status {proc.returncode}"
+    return {"contender": contender, "mode": mode, "tokens": n, "error": f"{status}; {(proc.stderr or proc.stdout)[-400:]}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("benchmarks/.cache"), help="where the checkpoints are written")
     p.add_argument("--out", type=Path, default=Path("benchmarks/.cache/runs"), help="a new timestamped folder is made here")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one measurement may take")
+    p.add_argument("--ops", type=int, nargs="*", default=[512, 2048, 8192],
+                   help="lengths for benchmarks.prefill_ops in the same run (none: skip it)")
     args = p.parse_args(argv)
     if args.child:
         args.contender, args.folder, args.mode, tokens = args.child
@@ -167,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     mlx_dir = ensure_synth(SPEC, args.work)
     tf_dir = export_for_transformers(mlx_dir, args.work / f"{SPEC.key}-transformers")
     vocab = json.loads((mlx_dir / "config.json").read_text())["vocab_size"]
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
     folder = args.out / time.strftime("long-prompts-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=False)
     rows = []
@@ -178,11 +162,27 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 shown = row.get("error") or f"{row['seconds']:.2f} s, peak {row['peak_rss'] / 2**30:.2f} GiB"
                 print(f"{n:>5} tokens  {contender:<12} {mode:<12} {shown}", flush=True)
-                (folder / "results.json").write_text(json.dumps({"model": SPEC.label, "rows": rows}, indent=1))
-    (folder / "table.md").write_text(table(rows) + "\n")
+                (folder / "partial.json").write_text(json.dumps({"model": SPEC.label, "rows": rows}, indent=1))
+    results = {"model": SPEC.label, "command": "python -m benchmarks.long_prompts " + " ".join(argv or sys.argv[1:]),
+               "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_end": os.getloadavg(),
+               "machine": machine_summary(), "versions": versions(), "rows": rows}
+    if args.ops:
+        results["ops"] = _ops_child(args.ops, args.timeout)
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    write_long_prompt_report(results, folder / "RESULTS-long-prompts.md")
     print(table(rows))
     print(folder)
     return 0
+
+
+def _ops_child(lengths: list[int], timeout: float) -> Any:
+    """benchmarks.prefill_ops in its own process (its imports and allocations stay out of ours)."""
+    out = Path(tempfile.mkdtemp()) / "ops.json"
+    cmd = [sys.executable, "-m", "benchmarks.prefill_ops", "--lengths", *map(str, lengths), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        return {"error": proc.stderr[-600:]}
+    return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

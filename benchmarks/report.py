@@ -397,4 +397,8 @@ def write_report(r: dict[str, Any], path: Path) -> None:
     lines += _kernels_section(r)
     lines += _meaning(r)
     lines += _openblas_howto(r)
+    lines += ["## Other benchmarks", "",
+              "Each writes its own generated report beside this one, from its own run:", "",
+              "- `RESULTS-long-prompts.md`: prefill seconds and peak memory at 512 to 8192 prompt tokens against "
+              "transformers, and the ops of one layer in MLX against torch (`python -m benchmarks.long_prompts`).", ""]
     path.write_text("\n".join(lines))
