@@ -39,8 +39,9 @@ def ci_block(marker: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    with running_server() as url:
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # A store root: the extraction examples write their stores there.
+    with running_server(store_root=tmp_path_factory.mktemp("stores")) as url:
         yield url
 
 

@@ -27,9 +27,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens, help="longest prompt a request may send, in tokens; 0: only the model's context bounds it")
     parser.add_argument("--capture-store-items", type=int, default=defaults.capture_store_items, help="captures kept for download")
     parser.add_argument("--capture-store-mb", type=float, default=defaults.capture_store_mb, help="bytes of captures kept for download")
+    parser.add_argument("--store-root", type=Path, default=None, metavar="DIR", help="folder of activation stores: POST /v1/extract writes a new store here (off without it)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="WSGI worker threads")
     parser.add_argument("--log-request-bodies", action="store_true", help="log request bodies (off by default: prompts are private)")
     parser.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace_s, metavar="SECONDS", help="on SIGINT/SIGTERM, how long open streams get to receive their final events")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="generations decoded together in one forward (continuous batching); 1: one at a time")
+    parser.add_argument("--prompt-cache-mb", type=float, default=defaults.prompt_cache_mb, help="bytes of recent prompts' KV caches kept for prompts that share a prefix; 0: off")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -49,9 +52,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_prompt_tokens=args.max_prompt_tokens,
         capture_store_items=args.capture_store_items,
         capture_store_mb=args.capture_store_mb,
+        store_root=args.store_root,
         threads=args.threads,
         log_request_bodies=args.log_request_bodies,
         shutdown_grace_s=args.shutdown_grace,
+        max_batch_size=args.max_batch_size,
+        prompt_cache_mb=args.prompt_cache_mb,
     )
 
 

@@ -31,14 +31,22 @@ class ServerConfig:
     max_prompt_tokens: int = 32768  # 0: only the model's context bounds a prompt
     capture_store_items: int = 16
     capture_store_mb: float = 1024.0
+    # Activation stores: POST /v1/extract writes new folders here only (None: extraction over HTTP is off).
+    store_root: Optional[Path] = None
     max_request_mb: float = 16.0
     threads: int = 16  # WSGI worker threads: streams in flight + requests waiting for the engine
     log_request_bodies: bool = False
     shutdown_grace_s: float = 10.0  # SIGINT/SIGTERM: how long open streams get to receive their last events
+    max_batch_size: int = 8  # generations decoded together in one forward (1: one at a time)
+    prompt_cache_mb: float = 256.0  # KV caches of recent prompts, reused by prompts sharing a prefix; 0: off
 
     @property
     def capture_budget_bytes(self) -> int:
         return int(self.capture_budget_mb * 2**20)
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return int(self.prompt_cache_mb * 2**20)
 
     @property
     def capture_store_bytes(self) -> int:

@@ -23,7 +23,8 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
         "extract",
         help="run a model over a corpus and store every row of the given hooks, with online statistics",
         description="Write an activation store (sharded safetensors, manifest, documents, statistics) to --out. "
-        "Re-run the same command to resume after an interruption.",
+        "Re-run the same command to resume after an interruption. Under mlx.launch (or MLX_RANK and MLX_HOSTFILE) "
+        "every rank extracts its share of the corpus and rank 0 writes the one manifest.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="default", help="local folder, Hugging Face repo id, or 'default'")
@@ -69,5 +70,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: {args.out} holds the shards committed so far; re-run the same command to resume.", file=sys.stderr)
         return 130
+    if store is None:  # a rank of a data-parallel job whose folder does not hold every rank's shards
+        print(f"done: this rank's shards are in {args.out}; the store is complete once every rank's shards/ files "
+              "are in rank 0's --out folder.")
+        return 0
     print(f"{store.num_tokens} tokens of {len(store.hooks)} hook(s) in {store.path} ({len(store.manifest['shards'])} shards)")
     return 0

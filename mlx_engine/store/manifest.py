@@ -26,6 +26,7 @@ DOCUMENTS = "documents.jsonl"
 SHARDS_DIR = "shards"
 STATS_DIR = "stats"
 STATE_DIR = "stats/state"
+RANKS_DIR = "ranks"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
@@ -111,18 +112,25 @@ def existing_manifest(out: Path, settings: dict[str, Any]) -> Optional[dict[str,
     return manifest
 
 
-def discard_uncommitted(out: Path, manifest: dict[str, Any]) -> None:
+def discard_uncommitted(out: Path, manifest: dict[str, Any], rank: Optional[int] = None) -> None:
     """Remove what a killed run left beyond its last commit: temporary files, shards and
-    states the manifest does not list, and document lines past the recorded length."""
+    states the manifest does not list, and document lines past the recorded length.
+
+    With `rank` (a data-parallel job sharing the folder), only that rank's files are
+    considered, and only rank 0 (the one that writes documents.jsonl) truncates it.
+    """
     keep = {s["file"] for s in manifest["shards"]}
     state = manifest.get("stats", {}).get("state")
+    prefix = "" if rank is None else f"rank{rank:04d}-"
     for folder in (out / SHARDS_DIR, out / STATE_DIR):
         for f in folder.iterdir() if folder.exists() else ():
             rel = str(f.relative_to(out))
-            if rel not in keep and rel != state:
+            if rel not in keep and rel != state and f.name.startswith(prefix):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
-    for f in out.rglob(f"*{TMP_SUFFIX}"):
+    for f in out.rglob(f"{prefix}*{TMP_SUFFIX}"):
         f.unlink()
+    if rank not in (None, 0):
+        return
     shards = manifest["shards"]
     size = shards[-1]["documents_bytes"] if shards else 0
     docs = out / DOCUMENTS
@@ -140,6 +148,11 @@ def state_name(rank: int, shards: int) -> str:
     """The running statistics after `shards` shards of `rank`: a new name per commit, so the
     manifest always points at a state that matches its shard list."""
     return f"{STATE_DIR}/rank{rank:04d}-{shards:06d}.npz"
+
+
+def rank_record(rank: int) -> str:
+    """A rank's own commit record in a data-parallel job (its shards and statistics state)."""
+    return f"{RANKS_DIR}/rank{rank:04d}.json"
 
 
 def hook_file(hook_id: str) -> str:

@@ -41,6 +41,7 @@ class BatchRows:
     doc: np.ndarray  # int64 [n]
     pos: np.ndarray  # int32 [n]
     documents: list[tuple[int, Document]]
+    commit_after: bool = False  # end the shard after this batch (a rank's chunk ends: see store/ranks.py)
 
 
 def save_states(out: Path, name: str, states: dict[str, NeuronStats], files: dict[str, str]) -> None:
@@ -72,6 +73,8 @@ class StoreWriter:
         shard_rows: int,
         queue_size: int = 4,
         rank: int = 0,
+        record: str = MANIFEST,
+        write_documents: bool = True,
         on_commit: Optional[Callable[[dict[str, Any]], None]] = None,
     ) -> None:
         self.out = out
@@ -82,6 +85,7 @@ class StoreWriter:
         self.dtype = dtype
         self.shard_rows = shard_rows
         self.rank = rank
+        self.record = record  # the commit record: manifest.json, or a rank's ranks/rankNNNN.json
         self.on_commit = on_commit
         self.queue: queue.Queue[Optional[BatchRows]] = queue.Queue(maxsize=queue_size)
         self.error: Optional[BaseException] = None
@@ -90,7 +94,8 @@ class StoreWriter:
         self._buffer: list[BatchRows] = []
         self._buffered = 0
         self._abort = threading.Event()
-        self._documents = open(out / DOCUMENTS, "ab")
+        # In a data-parallel job rank 0 writes every document (it replays the whole batch stream).
+        self._documents: Any = open(out / DOCUMENTS, "ab") if write_documents else io.BytesIO()
         self._documents_written = manifest["shards"][-1]["documents_end"] if manifest["shards"] else 0
         self._thread = threading.Thread(target=self._run, name="mlx-engine-store-writer", daemon=True)
 
@@ -147,7 +152,7 @@ class StoreWriter:
             rows = sum(s["rows"] for s in shards)
             raise StoreWriteError(
                 f"Writing the activation store in {self.out} failed: {self.error}. The {len(shards)} complete shard(s) "
-                f"({rows} rows) are intact and listed in {MANIFEST}; fix the cause (free disk space?) and re-run the "
+                f"({rows} rows) are intact and listed in {self.record}; fix the cause (free disk space?) and re-run the "
                 "same command to resume."
             ) from self.error
 
@@ -161,8 +166,7 @@ class StoreWriter:
             if not self._abort.is_set():
                 if self._buffered:
                     self._commit()
-                self._documents.flush()  # documents after the last row (if any) are durable before "complete"
-                os.fsync(self._documents.fileno())
+                self._sync_documents()  # documents after the last row (if any) are durable before "complete"
         except BaseException as exc:  # reported to the caller's thread by put/finish
             self.error = exc
 
@@ -180,8 +184,13 @@ class StoreWriter:
         self.stats_seconds += time.perf_counter() - started
         self._buffer.append(item)
         self._buffered += len(item.tokens)
-        if self._buffered >= self.shard_rows:
+        if self._buffered >= self.shard_rows or (item.commit_after and self._buffered):
             self._commit()
+
+    def _sync_documents(self) -> None:
+        self._documents.flush()
+        if not isinstance(self._documents, io.BytesIO):
+            os.fsync(self._documents.fileno())
 
     def _commit(self) -> None:
         started = time.perf_counter()
@@ -198,8 +207,7 @@ class StoreWriter:
         for h in self.hooks:
             tensors[h.hook_id] = (np.concatenate([b.rows[h.hook_id] for b in batches]), self.dtype)
         size = write_shard(self.out / name, tensors, {"format": "mlx-engine-activation-store", "rank": str(self.rank)})
-        self._documents.flush()
-        os.fsync(self._documents.fileno())
+        self._sync_documents()
         previous = self.manifest["stats"].get("state")
         state = state_name(self.rank, index + 1)
         save_states(self.out, state, self.states, self.files)
@@ -207,7 +215,7 @@ class StoreWriter:
         shards.append({
             "file": name, "rank": self.rank, "index": index, "rows": rows, "bytes": size,
             "batches_end": batches[-1].index + 1, "documents_end": self._documents_written,
-            "documents_bytes": self._documents.tell(),
+            "documents_bytes": self._documents.tell() if not isinstance(self._documents, io.BytesIO) else 0,
             "first": [int(doc[0]), int(pos[0])], "last": [int(doc[-1]), int(pos[-1])],
         })
         self.manifest["stats"]["state"] = state
@@ -215,6 +223,6 @@ class StoreWriter:
         self.write_seconds += time.perf_counter() - started
         if self.on_commit is not None:
             self.on_commit(self.manifest)
-        write_json_durably(self.out / MANIFEST, self.manifest)
+        write_json_durably(self.out / self.record, self.manifest)
         if previous and previous != state:
             (self.out / previous).unlink(missing_ok=True)

@@ -3,13 +3,14 @@
 from werkzeug.routing import PathConverter
 
 from .activations import bp as activations_bp
+from .extract import bp as extract_bp
 from .meta import bp as meta_bp
 from .models import bp as models_bp
 from .openai import bp as openai_bp
 from .steering import bp as steering_bp
 from .ui import bp as ui_bp
 
-BLUEPRINTS = (openai_bp, activations_bp, steering_bp, models_bp, meta_bp, ui_bp)
+BLUEPRINTS = (openai_bp, activations_bp, steering_bp, models_bp, meta_bp, ui_bp, extract_bp)
 
 
 class ModelIdConverter(PathConverter):

@@ -1,0 +1,138 @@
+"""Data-parallel extraction over `mx.distributed`: which rank runs which batch, and the merge.
+
+Split: every rank replays the same deterministic batch stream (store/plan.py) and runs
+the batches of its chunks: chunk c (the batches [c*G, (c+1)*G), G batches of about one
+shard) belongs to rank c mod world_size. A rank ends a shard at the end of each of its
+chunks, so each shard holds a contiguous run of the corpus, and the shards of all ranks
+sorted by their first (doc, pos) are the rows of a one-process run in the same order.
+The batches themselves are the one-process batches (same windows, same padding), so
+every row is bit-identical to the one-process store's.
+
+Merge: each rank commits its own shards and a record (ranks/rankNNNN.json, what a
+resume reads); at the end the records and statistics states travel to rank 0 with
+`mx.distributed.all_gather` of their serialized bytes. Collectives rather than a shared
+folder: ranks on several machines need no shared filesystem for the statistics, and
+there is no polling. Rank 0 merges the states (NeuronStats.merge: exact counts, extrema
+and top-k; moments by the pairwise formulas, equal to the one-process values up to
+float64 rounding) and writes the one manifest that lists every rank's shards.
+
+Every decision that could fail on one rank (bad input, a refused folder, a write
+error) is followed by `agree`, an all_gather of each rank's status, so a failure on one
+rank becomes an error on all of them instead of leaving the others waiting in a
+collective. A rank that dies outright does leave them waiting: stop the job (mlx.launch
+does) and re-run the same command, which resumes every rank.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import StoreError
+from .stats import NeuronStats
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """This process's place in the job; world size 1 when not launched as a distributed job."""
+
+    group: Any
+    rank: int
+    size: int
+
+    @classmethod
+    def current(cls) -> "RankGroup":
+        import mlx.core as mx
+
+        if not mx.distributed.is_available():
+            return cls(None, 0, 1)
+        group = mx.distributed.init()
+        return cls(group, group.rank(), group.size())
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def exchange(self, values: list[int]) -> np.ndarray:
+        """Every rank's `values` (the same length on every rank), as [size, len(values)]."""
+        import mlx.core as mx
+
+        local = mx.array(np.asarray(values, dtype=np.int64).astype(np.int32).reshape(1, -1))
+        out = mx.distributed.all_gather(local, group=self.group)
+        mx.eval(out)
+        return np.array(out).reshape(self.size, -1)
+
+    def agree(self, error: Optional[BaseException], what: str) -> None:
+        """Raise on every rank if any rank failed at `what` (the local error where it is this rank's)."""
+        failed = self.exchange([int(error is not None)])[:, 0]
+        if error is not None:
+            raise error
+        if failed.any():
+            ranks = ", ".join(str(r) for r in np.nonzero(failed)[0])
+            raise StoreError(f"Rank(s) {ranks} of the data-parallel job failed {what}; their log says why. Fix it and re-run the same command.")
+
+    def gather_bytes(self, payload: bytes) -> list[bytes]:
+        """Every rank's bytes, by rank (lengths first, then the payloads padded to the longest)."""
+        import mlx.core as mx
+
+        lengths = self.exchange([len(payload)])[:, 0]
+        longest = int(lengths.max())
+        padded = np.zeros(max(longest, 1), np.uint8)
+        padded[: len(payload)] = np.frombuffer(payload, np.uint8)
+        out = mx.distributed.all_gather(mx.array(padded.reshape(1, -1)), group=self.group)
+        mx.eval(out)
+        rows = np.array(out).reshape(self.size, -1)
+        return [rows[r, : int(lengths[r])].tobytes() for r in range(self.size)]
+
+
+def chunk_batches(shard_tokens: int, batch_size: int, context_size: int) -> int:
+    """Batches per chunk: about one shard's rows, so chunks balance and shards stay near their size."""
+    return max(1, math.ceil(shard_tokens / (batch_size * context_size)))
+
+
+def owner(batch_index: int, chunk: int, world: int) -> int:
+    return (batch_index // chunk) % world
+
+
+def pack_rank(record: dict[str, Any], states: dict[str, NeuronStats]) -> bytes:
+    """A rank's record and statistics states as bytes (an .npz: exact, no pickle)."""
+    arrays: dict[str, np.ndarray] = {"record": np.frombuffer(json.dumps(record).encode(), np.uint8)}
+    for i, state in enumerate(states.values()):
+        arrays.update(state.arrays(prefix=f"{i}/"))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack_rank(payload: bytes, hook_ids: list[str]) -> tuple[dict[str, Any], dict[str, NeuronStats]]:
+    with np.load(io.BytesIO(payload)) as z:
+        record = json.loads(z["record"].tobytes().decode())
+        states = {h: NeuronStats.from_arrays(z, prefix=f"{i}/") for i, h in enumerate(hook_ids)}
+    return record, states
+
+
+def merge_ranks(manifest: dict[str, Any], parts: list[tuple[dict[str, Any], dict[str, NeuronStats]]]) -> dict[str, NeuronStats]:
+    """Fill rank 0's `manifest` with every rank's shards (in corpus order) and timings; the merged states."""
+    shards = sorted((s for record, _ in parts for s in record["shards"]), key=lambda s: tuple(s["first"]))
+    manifest["shards"] = shards
+    manifest["num_tokens"] = sum(s["rows"] for s in shards)
+    manifest["ranks"] = [
+        {"rank": r, "record": record["record"], "shards": len(record["shards"]), "rows": sum(s["rows"] for s in record["shards"]),
+         "timings": record["timings"]}
+        for r, (record, _) in enumerate(parts)
+    ]
+    timings = manifest["timings"]
+    for key in ("compute_seconds", "stats_seconds", "write_seconds"):
+        timings[key] = sum(record["timings"][key] for record, _ in parts)  # summed over ranks
+    timings["elapsed_seconds"] = max(record["timings"]["elapsed_seconds"] for record, _ in parts)
+    timings["tokens_per_second"] = manifest["num_tokens"] / timings["elapsed_seconds"] if timings["elapsed_seconds"] else None
+    merged = {h: s.copy() for h, s in parts[0][1].items()}
+    for _, states in parts[1:]:
+        for h, s in states.items():
+            merged[h].merge_in(s)
+    return merged
