@@ -23,7 +23,10 @@ from .endpoints import ENDPOINTS, Endpoint
 from .presets import ATTENTION_COMPONENTS, CIRCUIT_COMPONENTS
 from .smalltalk_dialects import DIALECT_BY_NAME, Dialect
 from .smalltalk_requests import ARGUMENT_CONVERSION, body_plan
+from .smalltalk_analysis import conversion_methods as analysis_conversion_methods
 from .smalltalk_source import ClassSpec, Method, escape_chunk, method, st_literal, st_string, st_string_array
+from .smalltalk_streaming import TRANSPORT as STREAM_TRANSPORT
+from .smalltalk_streaming import shared_methods as streaming_methods
 from .smalltalk_tests import CLIENT_CLASS, test_methods
 
 DIALECTS: tuple[str, ...] = ("pharo", "squeak", "amber")
@@ -313,7 +316,9 @@ def _client_comment(dialect: Dialect, base_url: str) -> str:
     lines = [
         f"I am the NeuroScope client of an mlx-engine server (default {base_url}): I list and load models,",
         "read a model's hook points, register and clear activation hooks, and run chat completions",
-        "that return activations, which convertActivations: turns into NeuroScope's activation format.",
+        "that return activations, which convertActivations: turns into NeuroScope's activation format;",
+        "generateWithActivations:hooks:onStep: hands each step to a block as it arrives, and",
+        "convertAnalysisForNeuroScope: converts analysis results (docs/neuroscope-format.md).",
         "",
         f"Transport: {dialect.transport}.",
     ]
@@ -326,7 +331,8 @@ def _client_comment(dialect: Dialect, base_url: str) -> str:
             "of the parsed JSON, rejected with an Error carrying the server's message. Use it as",
             "    (NeuroScopeMLXClient default health) then: [ :json | ... ] catch: [ :error | ... ]",
             "Methods that need no server (createCircuitAnalysisHooks:, createAttentionAnalysisHooks:,",
-            "convertActivations:) answer their result directly.",
+            "convertActivations:) answer their result directly. Requests go out in the order they were made,",
+            "and a Promise answers at: with a Promise of that value, so synchronous-style sessions run as written.",
         ]
     lines += [
         "",
@@ -341,8 +347,10 @@ def client_classes(dialect: Dialect, base_url: str) -> list[ClassSpec]:
     methods = _accessing_methods(base_url)
     for ep in ENDPOINTS:
         methods.extend(_endpoint_methods(ep))
-    methods += _preset_methods() + _conversion_methods() + list(dialect.transport_methods)
-    client = ClassSpec(CLIENT_CLASS, "Object", CLIENT_IVARS, CATEGORY, _client_comment(dialect, base_url), methods)
+    methods += _preset_methods() + _conversion_methods() + analysis_conversion_methods() + streaming_methods()
+    methods += list(dialect.transport_methods) + list(STREAM_TRANSPORT[dialect.name])
+    ivars = CLIENT_IVARS + dialect.client_ivars
+    client = ClassSpec(CLIENT_CLASS, "Object", ivars, CATEGORY, _client_comment(dialect, base_url), methods)
     compat = ClassSpec(
         COMPAT_CLASS,
         CLIENT_CLASS,
@@ -358,7 +366,8 @@ def client_classes(dialect: Dialect, base_url: str) -> list[ClassSpec]:
         TEST_CATEGORY,
         f"I test {CLIENT_CLASS} against a live mlx-engine server at its default URL: health, models, hook\n"
         "points, registering and clearing hooks, server errors, and chat with activations whose numbers\n"
-        "must be finite, shaped as the hook points promise, and causally masked.",
+        "must be finite, shaped as the hook points promise, and causally masked; streaming step by step,\n"
+        "the seed's session as written, and analysis results converted.",
         test_methods() + list(dialect.test_support_methods),
     )
     return [client, compat, test]
@@ -394,4 +403,6 @@ def generate_smalltalk_client(dialect: str, base_url: str = DEFAULT_BASE_URL) ->
         parts.append(d.class_definition(spec))
         parts.append(d.comment_chunk(spec))
         parts.extend(_protocol_chunks(spec))
+    for host, m in d.extensions:
+        parts.append(f"!{host} methodsFor: {st_string(m.protocol)}!\n\n{escape_chunk(m.source)}\n! !")
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"

@@ -28,6 +28,8 @@ class Dialect(ABC):
     synchronous: bool
     transport_methods: tuple[Method, ...]
     test_support_methods: tuple[Method, ...]
+    client_ivars: tuple[str, ...] = ()  # the transport's own state, beyond the shared ivars
+    extensions: tuple[tuple[str, Method], ...] = ()  # (host class, method) added to the host's classes
 
     @abstractmethod
     def class_definition(self, spec: ClassSpec) -> str:
@@ -207,8 +209,18 @@ request: method path: path body: aDictionaryOrNil
         headers at: 'Content-Type' put: 'application/json'.
         options at: 'body' put: (self jsonStringOf: aDictionaryOrNil) ].
     options at: 'headers' put: headers.
-    ^ (Platform fetchUrl: baseUrl , path options: options asJavaScriptObject)
-        then: [ :response | response text then: [ :text | self handleStatus: response status body: text ] ]
+    ^ self send: [
+        (Platform fetchUrl: baseUrl , path options: options asJavaScriptObject)
+            then: [ :response | response text then: [ :text | self handleStatus: response status body: text ] ] ]
+"""),
+        method("transport", """
+send: aBlock
+    "Requests go out one after another, in the order they were made, as they do in Pharo and Squeak:
+    after loadModel:, generateWithActivations: runs on the model just loaded."
+    | answer |
+    answer := (pending ifNil: [ Promise new ]) then: [ :ignored | aBlock value ].
+    pending := answer catch: [ :error | nil ].
+    ^ answer
 """),
         method("transport", """
 parseJson: aString
@@ -233,6 +245,18 @@ newList
 positiveInfinity
     ^ Number positiveInfinity
 """),
+    ),
+    client_ivars=("pending",),
+    extensions=(
+        (
+            "Promise",
+            method("*NeuroScope-Integration", """
+at: aKey
+    "A Promise of the answer's value at aKey, so code written for a synchronous client
+    (result := client generateWithActivations: ... then result at: #activations) runs here too."
+    ^ self then: [ :value | value at: aKey ]
+"""),
+        ),
     ),
     test_support_methods=(
         method("checking", f"""

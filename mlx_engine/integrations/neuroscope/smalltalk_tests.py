@@ -93,6 +93,74 @@ testAttentionFollowsTheCausalMask
             pattern := (activations at: 'layers.1.attention_pattern') first.
             self assertCausal: scores pattern: pattern ] ]
 """),
+        method("tests", """
+testStreamingCallsTheBlockOncePerStep
+    | steps |
+    steps := client newList.
+    ^ self check: (client generateWithActivations: 'Hello' hooks: { 'layers.0.residual' } onStep: [ :step | steps add: step ]) then: [ :response |
+        | ids |
+        ids := response at: 'generated_token_ids'.
+        self assert: ids notEmpty.
+        self assert: steps size equals: ids size.
+        1 to: steps size do: [ :i |
+            | step entries |
+            step := steps at: i.
+            self assert: (step at: #step) equals: i - 1.
+            self assert: (step at: #tokenId) equals: (ids at: i).
+            entries := (step at: #activations) at: 'layers.0.residual'.
+            self assert: entries size equals: 1.
+            self assert: (entries first at: 'step') equals: i - 1 ].
+        self assert: ((response at: 'activations') at: 'layers.0.residual') size equals: ids size ]
+"""),
+        method("tests", """
+testStreamingErrorsReachTheCaller
+    ^ self errorMessageOf: [ client generateWithActivations: 'Hi' hooks: { 'layers.999.residual' } onStep: [ :step | nil ] ] then: [ :message |
+        self assert: (self text: message includes: 'out of range') ]
+"""),
+        method("tests", """
+testTheSeedSessionRunsAsWritten
+    "The seed's session, with the served model's id and its real layer count."
+    | hooks result activations messages |
+    ^ self check: client models then: [ :models |
+        | served |
+        served := (models at: 'data') first.
+        messages := 'Hello'.
+        client loadModel: (served at: 'id').
+        hooks := client createCircuitAnalysisHooks: (served at: 'num_layers').
+        result := client generateWithActivations: messages hooks: hooks.
+        activations := client convertActivationsForNeuroScope: (result at: #activations).
+        self check: activations then: [ :converted |
+            self assert: converted size equals: hooks size.
+            converted keysAndValuesDo: [ :hookId :entries |
+                entries do: [ :entry |
+                    self assert: (entry at: 'hook_id') equals: hookId.
+                    self assert: (entry at: 'data') size equals: ((entry at: 'shape') inject: 1 into: [ :a :b | a * b ]) ] ] ] ]
+"""),
+        method("tests", """
+testAnalysisResultsConvert
+    | tables scores converted grid |
+    tables := Dictionary new.
+    tables at: 'induction' put: #(#(1 2 3) #(4 5 6)).
+    tables at: 'previous_token' put: nil.
+    scores := Dictionary new.
+    scores at: 'n_layers' put: 2.
+    scores at: 'n_heads' put: 3.
+    scores at: 'tables' put: tables.
+    converted := client convertAnalysisForNeuroScope: scores.
+    self assert: (converted at: 'format') equals: 'neuroscope-analysis'.
+    self assert: (converted at: 'kind') equals: 'head_scores'.
+    self assert: ((converted at: 'metrics') includesKey: 'previous_token') not.
+    grid := (converted at: 'metrics') at: 'induction'.
+    self assert: (grid at: 'shape') asArray equals: #(2 3).
+    self assert: (grid at: 'data') asArray equals: #(1 2 3 4 5 6)
+"""),
+        method("tests", """
+testUnknownAnalysisResultsAreRefused
+    | message |
+    message := [ client convertAnalysisForNeuroScope: (Dictionary new at: 'rows' put: #(1 2); yourself). 'no error' ]
+        on: Error do: [ :error | error messageText ].
+    self assert: (self text: message includes: 'not an analysis result')
+"""),
         method("checking", """
 promisedShapeOf: entry in: points
     "The shape the hook-point listing promises, with symbols T (rows) and S (keys)."

@@ -3,7 +3,7 @@
  * File Smalltalk chunk-format sources into Amber on Node (headless) and run SUnit tests.
  *
  *   node run-sunit.js --source FILE [--source FILE ...] [--test CLASS ...] [--describe CLASS ...]
- *                     [--timeout-ms N]
+ *                     [--eval EXPRESSION] [--timeout-ms N]
  *
  * Amber's packages are AMD modules, so they load through RequireJS's Node adapter; the
  * sources go through Amber's own Importer (the chunk-format reader and compiler every
@@ -13,6 +13,11 @@
  * Prints one JSON line ({"filed_in", "classes", "runs", "passed", "errors", "failures"})
  * and then "N passed, N failed". Exit status: 0 all passed, 1 a test failed or erred,
  * 2 the file-in failed, 3 the run did not finish in time.
+ *
+ * --eval evaluates a Smalltalk expression after the file-in (a doit, statements and
+ * temporaries allowed), waits for it when it answers a Promise, and adds its answer as
+ * JSON ("value") to the summary; a signalled error or a rejected Promise exits with 1
+ * and the error's message ("error"). Tests use it to run a user's session as written.
  */
 "use strict";
 
@@ -20,7 +25,7 @@ const fs = require("fs");
 const path = require("path");
 
 function parseArgs(argv) {
-  const args = { sources: [], tests: [], describe: [], timeoutMs: 120000 };
+  const args = { sources: [], tests: [], describe: [], evaluate: null, timeoutMs: 120000 };
   for (let i = 0; i < argv.length; i += 1) {
     const flag = argv[i];
     const value = argv[i + 1];
@@ -28,6 +33,7 @@ function parseArgs(argv) {
     if (flag === "--source") args.sources.push(value);
     else if (flag === "--test") args.tests.push(value);
     else if (flag === "--describe") args.describe.push(value);
+    else if (flag === "--eval") args.evaluate = value;
     else if (flag === "--timeout-ms") args.timeoutMs = Number(value);
     else throw new Error(`unknown argument ${flag}`);
     i += 1;
@@ -37,11 +43,12 @@ function parseArgs(argv) {
 }
 
 function report(summary, status) {
-  process.stdout.write(JSON.stringify(summary) + "\n");
+  let text = JSON.stringify(summary) + "\n";
   if (summary.runs !== undefined) {
-    process.stdout.write(`${summary.passed} passed, ${summary.errors.length + summary.failures.length} failed\n`);
+    text += `${summary.passed} passed, ${summary.errors.length + summary.failures.length} failed\n`;
   }
-  process.exit(status);
+  // A pipe takes large writes asynchronously: exit once the whole summary is out.
+  process.stdout.write(text, () => process.exit(status));
 }
 
 function errorText(error) {
@@ -95,6 +102,24 @@ function main() {
           return;
         }
         summary.classes[name] = { instance: selectorsOf(cls), class: selectorsOf(cls._class()) };
+      }
+      if (args.evaluate !== null) {
+        let answer;
+        try {
+          answer = globals.Compiler._new()._evaluateExpression_(args.evaluate);
+        } catch (error) {
+          answer = Promise.reject(error);
+        }
+        Promise.resolve(answer).then((value) => {
+          clearTimeout(timer);
+          const plain = value !== null && value !== undefined && typeof value._asJavaScriptObject === "function"
+            ? value._asJavaScriptObject() : value;
+          report(Object.assign(summary, { value: plain === undefined ? null : plain }), 0);
+        }, (error) => {
+          clearTimeout(timer);
+          report(Object.assign(summary, { error: errorText(error) }), 1);
+        });
+        return;
       }
       if (args.tests.length === 0) {
         clearTimeout(timer);
