@@ -58,10 +58,19 @@ class FriendlyParser(argparse.ArgumentParser):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if not args.parallel:
+        return _generate(args)
+    from .distributed.launch import rank_0_speaks
+
+    with rank_0_speaks():  # one rank of an mlx.launch job: every rank generates in lockstep, rank 0 prints
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     from .generation.api import create_generator
     from .loading import chat_tokens, load_model, tokenize
 
-    kit = load_model(args.model, cpu_dequantize=args.cpu_dequantize)
+    kit = load_model(args.model, cpu_dequantize=args.cpu_dequantize, parallel=args.parallel)
     if kit.dequantized:
         print(f"[{kit.dequantized}]", file=sys.stderr)
     if args.chat:
@@ -155,6 +164,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cpu-dequantize", action="store_true",
         help="on MLX's CPU backend, run a 4/8-bit model as float32 (faster there; 4 bytes per weight)",
+    )
+    p.add_argument(
+        "--parallel", choices=("tensor", "pipeline"), default=None,
+        help="under mlx.launch: split the model over the job's ranks (heads and units, or blocks); rank 0 prints",
     )
     p.set_defaults(func=_cmd_generate)
 

@@ -237,7 +237,9 @@ def load_model(
 
     `parallel="tensor"`, inside an `mx.distributed` job, splits the model's heads and hidden
     units over the job's ranks (mlx_engine/distributed): each rank reads the checkpoint
-    lazily and keeps its own slices. With one process it is the ordinary load.
+    lazily and keeps its own slices. `parallel="pipeline"` gives each rank a contiguous range
+    of blocks instead (a native architecture; hidden states passed rank to rank, captures
+    delivered to rank 0). With one process either is the ordinary load.
 
     `cpu_dequantize=True` turns a 4/8-bit checkpoint into float32 layers at load, on MLX's
     CPU backend only (mlx_engine/cpu_dequantize.py says why and what it costs; `kit.dequantized`

@@ -3,9 +3,10 @@
 Run as a script by tests/test_distributed_tensor.py, once per rank, with MLX_RANK and
 MLX_HOSTFILE set (ring backend over 127.0.0.1):
 
-    python tests/distributed_rank.py CHECKPOINT OUT_DIR
+    python tests/distributed_rank.py CHECKPOINT OUT_DIR [tensor|pipeline]
 
-It loads CHECKPOINT with `parallel="tensor"`, runs `scenarios`, and writes OUT_DIR/rank{r}.npz.
+It loads CHECKPOINT with `parallel=` the mode (tensor unless given), runs `scenarios`, and
+writes OUT_DIR/rank{r}.npz (tests/test_distributed_pipeline.py runs it with "pipeline").
 The parent test runs the same `scenarios` on an ordinary load and compares the files.
 """
 
@@ -130,17 +131,31 @@ def scenarios(kit: Any) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     checkpoint, out_dir = Path(argv[1]), Path(argv[2])
-    import mlx.core as mx
-
+    parallel = argv[3] if len(argv) > 3 else "tensor"
     import mlx_engine  # before MLX: it binds MLX's CPU backend to OpenBLAS first
 
+    import mlx.core as mx
+
     group = mx.distributed.init(backend="ring", strict=True)
-    kit = mlx_engine.load_model(checkpoint, parallel="tensor")
+    kit = mlx_engine.load_model(checkpoint, parallel=parallel)
     out = scenarios(kit)
     out["world"] = np.array([group.rank(), group.size()])
-    attn = kit.model.layers[0].self_attn
+    if parallel == "pipeline":
+        from mlx.utils import tree_flatten
+
+        from mlx_engine.distributed.pipeline import AbsentBlock
+
+        # Which blocks this rank holds (1) and which it left to another rank (0).
+        out["held_blocks"] = np.array([not isinstance(b, AbsentBlock) for b in kit.model.layers])
+        out["parameters"] = np.array(sorted(k for k, _ in tree_flatten(kit.model.parameters())))
+        np.savez(out_dir / f"rank{group.rank()}.npz", **out)
+        return 0
+    from mlx_engine.distributed import adapter_for
+
+    layout = adapter_for(kit.arch_info.model_type)
+    attn = getattr(kit.model.layers[0], layout.attn)
     # What this rank holds: its heads, and the classes of the split layers (not compared).
-    out["local_heads"] = np.array([attn.n_heads, attn.n_kv_heads])
+    out["local_heads"] = np.array([getattr(attn, layout.heads[0]), getattr(attn, layout.heads[-1])])
     out["layer_classes"] = np.array(json.dumps(sorted({type(m).__name__ for _, m in kit.model.named_modules()})))
     np.savez(out_dir / f"rank{group.rank()}.npz", **out)
     return 0

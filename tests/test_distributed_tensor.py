@@ -50,7 +50,9 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def run_ranks(checkpoint: Path, out_dir: Path, n: int = RANKS, timeout: float = JOB_TIMEOUT_S) -> list[dict[str, np.ndarray]]:
+def run_ranks(
+    checkpoint: Path, out_dir: Path, n: int = RANKS, timeout: float = JOB_TIMEOUT_S, parallel: str = "tensor"
+) -> list[dict[str, np.ndarray]]:
     """Run the rank script as an n-rank ring job on 127.0.0.1; every rank's results, by rank."""
     hostfile = out_dir / "hosts.json"
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in free_ports(n)]))
@@ -62,7 +64,7 @@ def run_ranks(checkpoint: Path, out_dir: Path, n: int = RANKS, timeout: float = 
         try:
             for r in range(n):
                 procs.append(subprocess.Popen(
-                    [sys.executable, str(RANK_SCRIPT), str(checkpoint), str(out_dir)],
+                    [sys.executable, str(RANK_SCRIPT), str(checkpoint), str(out_dir), parallel],
                     env={**env, "MLX_RANK": str(r)}, stdout=logs[r], stderr=subprocess.STDOUT,
                 ))
             codes = [p.wait(timeout=timeout) for p in procs]
@@ -108,12 +110,43 @@ def qwen3_moe(tmp: Path) -> Path:
     return build_qwen3_moe(tmp / "src", "mixed")
 
 
+def phi3(tmp: Path) -> Path:
+    from test_phi3 import build_phi3
+
+    return build_phi3(tmp / "src")[0]
+
+
+def gemma2(tmp: Path) -> Path:
+    from test_gemma2 import build_gemma2
+
+    return build_gemma2(tmp / "src")
+
+
+def gemma3(tmp: Path) -> Path:
+    from test_gemma3 import build_gemma3
+
+    return build_gemma3(tmp / "src")
+
+
+def olmo2(tmp: Path) -> Path:
+    from test_olmo2 import build_olmo2
+
+    return build_olmo2(tmp / "src")[0]
+
+
 CHECKPOINTS = {
     "llama": lambda tmp: tc.build_llama(tmp / "src")[0],
     "qwen2": lambda tmp: tc.build_llama(tmp / "src", variant="qwen2")[0],
     "gpt_oss": lambda tmp: tc.build_gpt_oss(tmp / "src")[0],
     "qwen3": qwen3,
     "qwen3_moe": qwen3_moe,
+    # Fused projections split per segment: GPT-2's c_attn (q|k|v), phi3's qkv_proj and gate_up_proj.
+    "gpt2": lambda tmp: tc.build_gpt2(tmp / "src")[0],
+    "phi3": phi3,
+    "gemma2": gemma2,
+    "gemma3": gemma3,
+    # q_norm/k_norm over all heads: the sum of squares is all-summed (distributed/layers.py).
+    "olmo2": olmo2,
     "llama_4bit": lambda tmp: quantized(tc.build_llama(tmp / "src")[0], tmp / "q4"),
     "gpt_oss_4bit": lambda tmp: quantized(tc.build_gpt_oss(tmp / "src")[0], tmp / "q4"),
 }

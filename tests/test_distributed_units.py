@@ -10,7 +10,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import tiny_checkpoints as tc
 from mlx.utils import tree_flatten
 
 import mlx_engine
@@ -18,9 +17,11 @@ from mlx_engine.distributed import (
     ShardedHookPoint,
     ShardingError,
     SiteShard,
+    check_parallel,
     check_shardable,
     owner,
     shard,
+    split_layers,
 )
 from mlx_engine.hooks.point import HookPoint
 from mlx_engine.tools.convert import quantize_checkpoint
@@ -66,11 +67,10 @@ def test_parallel_tensor_in_one_process_is_the_ordinary_load(llama_checkpoint: P
 
 
 def test_unsupported_modes_and_architectures_are_refused(llama_checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(ShardingError, match="parallel must be one of 'tensor'"):
-        mlx_engine.load_model(llama_checkpoint, parallel="pipeline")
-    gpt2, _ = tc.build_gpt2(tmp_path / "gpt2")
-    with pytest.raises(ShardingError, match="not available for model_type 'gpt2'.*gpt_oss, llama"):
-        mlx_engine.load_model(gpt2, parallel="tensor")
+    with pytest.raises(ShardingError, match="parallel must be one of 'tensor', 'pipeline', got 'data'"):
+        mlx_engine.load_model(llama_checkpoint, parallel="data")
+    with pytest.raises(ShardingError, match="not available for model_type 'bert'.*gemma2, gemma3, gemma3_text, gpt2, gpt_oss, llama, mistral, olmo2"):
+        check_parallel("bert", "tensor")
 
 
 def test_counts_that_do_not_split_are_named_before_anything_changes(llama_kit, tmp_path: Path) -> None:
@@ -98,3 +98,23 @@ def test_an_unarmed_sharded_site_hands_its_input_back() -> None:
     np.testing.assert_array_equal(np.asarray(units.local(x)), np.asarray(x))
     with pytest.raises(ValueError, match="kind"):
         SiteShard(mx.distributed.init(), "rows")
+
+
+def test_pipeline_ranges_are_contiguous_and_cover_every_block() -> None:
+    assert split_layers(5, 2) == ((0, 3), (3, 5))
+    assert split_layers(4, 4) == ((0, 1), (1, 2), (2, 3), (3, 4))
+    with pytest.raises(ShardingError, match="at least 3 blocks; this model has 2"):
+        split_layers(2, 3)
+
+
+def test_parallel_pipeline_in_one_process_is_the_ordinary_load(llama_checkpoint: Path) -> None:
+    plain = mlx_engine.load_model(llama_checkpoint)
+    parallel = mlx_engine.load_model(llama_checkpoint, parallel="pipeline")
+    assert all(type(p) is HookPoint for p in parallel.hook_points.values())
+    tokens = mlx_engine.tokenize(plain, "def f(x):\n    return x")
+    hooks = ["layers.1.residual", "layers.2.attention_pattern"]
+    a = mlx_engine.run_with_cache(plain, tokens, hooks)
+    b = mlx_engine.run_with_cache(parallel, tokens, hooks)
+    np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
+    for hook in hooks:
+        np.testing.assert_array_equal(np.asarray(a[hook]), np.asarray(b[hook]))

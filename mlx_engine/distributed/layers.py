@@ -1,6 +1,10 @@
-"""Sharded expert layers: mlx-lm's SwitchLinear split over ranks, for the native MoE blocks.
+"""Sharded layers the native blocks need beyond mlx-lm's: expert layers and a split RMS norm.
 
-mlx-lm shards an MoE's experts in place and adds one `all_sum` in the MoE block's own
+`ShardedRMSNorm` is OLMo 2's q_norm/k_norm once the heads are split: those norms run over
+all heads at once, so each rank sums the squares of its slice, the sums are added over the
+ranks (one all_sum of one number per position), and each rank scales its own slice.
+
+Experts: mlx-lm shards an MoE's experts in place and adds one `all_sum` in the MoE block's own
 forward (its `sharding_group`). Our MoE blocks are the model files' own classes, which this
 package does not edit, so the sum moves into the experts' down projection instead: each rank
 multiplies its slice of the hidden units, the ranks' partial outputs are summed, and the bias
@@ -14,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
@@ -89,3 +94,24 @@ def shard_switch_glu(glu: Any, group: Any) -> None:
     shard_inplace(glu.gate_proj, "all-to-sharded", group=group)
     shard_inplace(glu.up_proj, "all-to-sharded", group=group)
     glu.down_proj = sharded_to_all_switch(glu.down_proj, group)
+
+
+class ShardedRMSNorm(nn.Module):
+    """An RMS norm over a feature axis split in contiguous blocks over `group`: this rank's block.
+
+    The mean of squares is over the whole width (the ranks' sums added), in float32 as
+    mx.fast.rms_norm accumulates; the weight is this rank's block of the norm's weight.
+    """
+
+    def __init__(self, norm: nn.RMSNorm, group: Any) -> None:
+        super().__init__()
+        n, r = group.size(), group.rank()
+        self.dims = norm.weight.shape[0]
+        self.eps = norm.eps
+        self.group = group
+        self.weight = mx.contiguous(mx.split(norm.weight, n)[r])
+
+    def __call__(self, x: mx.array) -> mx.array:
+        squares = mx.sum(mx.square(x.astype(mx.float32)), axis=-1, keepdims=True)
+        mean = mx.distributed.all_sum(squares, group=self.group) / self.dims
+        return (x.astype(mx.float32) * mx.rsqrt(mean + self.eps)).astype(x.dtype) * self.weight

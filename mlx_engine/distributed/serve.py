@@ -1,0 +1,229 @@
+"""Serving a model-parallel model from rank 0: the other ranks follow its forward passes in lockstep.
+
+Every forward pass of a tensor- or pipeline-parallel model is a collective: all ranks must
+run the same passes, in the same order, with the same inputs. Rank 0 serves (HTTP, engine
+thread, request parsing) and runs each generation through a `Leader`, which broadcasts the
+generation's arguments to the other ranks before starting it; each other rank runs `follow`,
+which makes the same call on its own part of the model and steps it when rank 0 does.
+
+The loop asks questions that only rank 0 can answer (is the client still there? should the
+prefill stop?). Rank 0 broadcasts each answer as it gives it, one int32 all_sum, so every
+rank stops at the same step: a client that disconnects stops every rank, and so does a
+server shutting down (`Leader.shutdown` ends the followers' loops). A rank that dies makes
+the next collective on the others fail; rank 0 turns that into `RankLostError` (its message
+names the cause), refuses further work, and the server can exit instead of hanging.
+
+Messages are pickled Python objects (token ids, resolved hooks, bound interventions and
+their arrays, sampling arguments): the channel joins only the processes of one job, which
+the user started together. With a group of one, `Leader.generate` is exactly
+`create_generator_with_activations`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import secrets
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..generation.api import create_generator_with_activations
+
+log = logging.getLogger(__name__)
+
+STOP, CONTINUE = 0, 1
+# What MLX's backends say when a peer went away ("[ring] connection to a peer was lost").
+_BACKEND_TAGS = ("[ring]", "[jaccl]", "[mpi]", "[nccl]")
+
+
+class RankLostError(RuntimeError):
+    """A rank of the job stopped answering; the model can no longer run a forward pass."""
+
+
+def _is_backend_failure(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc).startswith(_BACKEND_TAGS)
+
+
+class _Channel:
+    """Rank 0's words to every rank: int flags and byte messages, each one all_sum."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.rank = group.rank()
+
+    def flag(self, value: Optional[int]) -> int:
+        """Rank 0 passes `value`; every rank gets it."""
+        mine = mx.array([int(value) if self.rank == 0 and value is not None else 0], dtype=mx.int32)
+        return int(mx.distributed.all_sum(mine, group=self.group).item())
+
+    def message(self, obj: Any = None) -> Any:
+        """Rank 0 passes `obj`; every rank gets a copy."""
+        data = pickle.dumps(obj) if self.rank == 0 else b""
+        size = self.flag(len(data))
+        mine = np.frombuffer(data, dtype=np.uint8) if self.rank == 0 else np.zeros(size, dtype=np.uint8)
+        out = mx.distributed.all_sum(mx.array(mine), group=self.group)
+        mx.eval(out)  # on rank 0 too: a collective runs only when evaluated
+        return obj if self.rank == 0 else pickle.loads(np.asarray(out).tobytes())
+
+
+class Leader:
+    """Rank 0's side: every generation it runs, the other ranks run too (see the module doc)."""
+
+    def __init__(self, group: Optional[Any] = None) -> None:
+        self.group = group if group is not None else mx.distributed.init()
+        if self.group.rank() != 0:
+            raise RuntimeError(f"Leader runs on rank 0; this is rank {self.group.rank()}: run `follow` here.")
+        self._channel = _Channel(self.group)
+        self.lost: Optional[str] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.group.size() > 1
+
+    def _check(self) -> None:
+        if self.lost is not None:
+            raise RankLostError(f"the model-parallel job lost a rank earlier ({self.lost}); restart the job.")
+
+    def _lost(self, exc: BaseException) -> RankLostError:
+        self.lost = str(exc)
+        return RankLostError(
+            f"a rank of the {self.group.size()}-rank job stopped answering ({exc}); "
+            "the model cannot run without it: restart the job (mlx.launch) after checking that rank's log."
+        )
+
+    def generate(
+        self,
+        kit: Any,
+        prompt_tokens: Sequence[int],
+        activation_hooks: Any = (),
+        *,
+        should_stop: Optional[Callable[[], bool]] = None,
+        **kwargs: Any,
+    ) -> Iterator[tuple[Any, Any]]:
+        """`create_generator_with_activations`, run by every rank; the other ranks step when this one does."""
+        if not self.distributed:
+            return create_generator_with_activations(kit, prompt_tokens, activation_hooks, should_stop=should_stop, **kwargs)
+        self._check()
+        if kwargs.get("seed") is None and kwargs.get("temp", 0.0):
+            kwargs["seed"] = secrets.randbits(31)  # every rank samples the same tokens
+        tokens, hooks = [int(t) for t in prompt_tokens], list(activation_hooks)
+        channel = self._channel
+
+        def ask() -> bool:
+            assert should_stop is not None
+            return bool(channel.flag(int(bool(should_stop()))))
+
+        # Checked here first (a request rank 0 refuses never reaches the other ranks).
+        steps = create_generator_with_activations(kit, tokens, hooks, should_stop=ask if should_stop else None, **kwargs)
+        try:
+            channel.message(("generate", tokens, hooks, should_stop is not None, kwargs))
+        except BaseException as exc:
+            steps.close()  # type: ignore[attr-defined]
+            if isinstance(exc, RuntimeError) and _is_backend_failure(exc):
+                raise self._lost(exc) from exc
+            raise
+        return self._steps(steps)
+
+    def _steps(self, steps: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        channel = self._channel
+        finished = False
+        try:
+            while True:
+                channel.flag(CONTINUE)
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    finished = True
+                    return
+                yield item
+        except GeneratorExit:
+            raise  # closed early (client gone): `finally` tells the followers
+        except RuntimeError as exc:
+            finished = True  # the followers saw the same failure, or are gone
+            if _is_backend_failure(exc):
+                raise self._lost(exc) from exc
+            raise
+        except BaseException:
+            finished = True  # an error of the generation itself: raised on every rank at the same step
+            raise
+        finally:
+            if not finished:  # the followers stop at this step too
+                try:
+                    channel.flag(STOP)
+                except RuntimeError as exc:
+                    if not _is_backend_failure(exc):
+                        raise
+                    self.lost = str(exc)
+            steps.close()  # type: ignore[attr-defined]
+
+    def shutdown(self) -> None:
+        """End every follower's loop (they return from `follow`)."""
+        if self.distributed and self.lost is None:
+            try:
+                self._channel.message(("shutdown",))
+            except RuntimeError as exc:
+                if not _is_backend_failure(exc):
+                    raise
+                self.lost = str(exc)
+
+
+def follow(kit: Any, group: Optional[Any] = None, on_step: Optional[Callable[[int, Any], None]] = None) -> int:
+    """A rank > 0's serving loop: run what rank 0 runs, until it shuts down; returns the calls followed.
+
+    Errors of a generation (the same on every rank, reported by rank 0) end that call here
+    and the loop waits for the next; a lost peer ends the loop with RankLostError.
+    `on_step(call_number, (result, activations))` sees each step this rank ran (a log, a check).
+    """
+    group = group if group is not None else mx.distributed.init()
+    channel = _Channel(group)
+    followed = 0
+    try:
+        while True:
+            call = channel.message()
+            if call[0] == "shutdown":
+                return followed
+            _, tokens, hooks, asks, kwargs = call
+            should_stop = (lambda: bool(channel.flag(None))) if asks else None
+            followed += 1
+            steps = None
+            try:
+                steps = create_generator_with_activations(kit, tokens, hooks, should_stop=should_stop, **kwargs)
+                while channel.flag(None) == CONTINUE:
+                    item = next(steps)
+                    if on_step is not None:
+                        on_step(followed, item)
+            except StopIteration:
+                pass
+            except Exception as exc:
+                if _is_backend_failure(exc):
+                    raise
+                log.debug("rank %d: call %d ended with %s (rank 0 reports it)", group.rank(), followed, exc)
+            finally:
+                if steps is not None:
+                    steps.close()  # type: ignore[attr-defined]
+    except RuntimeError as exc:
+        if _is_backend_failure(exc):
+            raise RankLostError(f"rank {group.rank()}: rank 0 or another rank stopped answering ({exc}).") from exc
+        raise
+
+
+def follower_main(model: str, parallel: str) -> int:
+    """What `mlx-engine serve --parallel P` runs on ranks > 0: load this rank's part, follow rank 0, exit.
+
+    Returns the process exit status: 0 after rank 0's shutdown, 1 when a rank was lost
+    (the message, naming the cause, goes to stderr).
+    """
+    import sys
+
+    from ..loading import load_model
+
+    group = mx.distributed.init()
+    kit = load_model(model, parallel=parallel)
+    try:
+        follow(kit, group)
+    except RankLostError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
