@@ -17,10 +17,16 @@ What makes a row independent of its batch mates:
   the dispatcher each row's first real key column, so a row's capture has the columns
   and key positions of a lone run (one such capture makes the batch's attention explicit).
 
+Sliding-window layers (gpt-oss, Mistral) keep a RotatingKVCache per row; joined, they become mlx-lm's
+BatchRotatingKVCache, a ring of `window` slots whose mask counts each row's own positions
+(its left padding is never inside its window), and models/attention.py gives each row's
+captures its own window's columns in temporal order, as a lone run's ring cache does.
+
 Batched matmuls may differ from batch 1 in the last bits, so a row's logits agree with a
-lone run within float32 rounding, not bit for bit. Models whose caches are not plain KV
-caches (sliding windows), GPT-2 (learned positions read one offset) and mlx-lm's fallback
-classes are not batched: `batchable` says so and the server runs their requests alone.
+lone run within float32 rounding, not bit for bit. GPT-2 (learned positions read one
+offset), mlx-lm's fallback classes, and sliding-window architectures not yet proven to
+batch (Gemma 2/3) are not batched: `batchable` says so and the server runs their
+requests alone.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from ..hooks.capture import Capture, StepActivations
 from ..hooks.names import ResolvedHook
@@ -39,7 +45,18 @@ from ..hooks.session import HookBusyError, HookSession
 from ..interventions.ops import BoundIntervention
 from ..loading import ModelKit
 from .api import sampling_args, step_result
-from .loop import Sampling, TokenStep, check_prompt, choose, enqueue, group_captures, head_kwargs, prefill, read_top, sampler_for
+from .loop import (
+    Sampling,
+    TokenStep,
+    check_prompt,
+    choose,
+    enqueue,
+    group_captures,
+    head_kwargs,
+    prefill,
+    read_top,
+    sampler_for,
+)
 from .prefix_cache import PrefixCache
 from .text import TextStream
 from .types import GenerationResult
@@ -48,16 +65,25 @@ from .types import GenerationResult
 _EXPLICIT = ("attention_scores", "attention_pattern")
 # Architectures whose position embedding reads `cache.offset` as one integer.
 _SCALAR_OFFSET = {"gpt2"}
+# Architectures whose sliding-window layers are proven to batch as they run alone (tests/test_server_batching_window.py):
+# their RotatingKVCaches merge into mlx-lm's BatchRotatingKVCache, each row's window over its own positions.
+_WINDOW_PROVEN = {"gpt_oss", "mistral"}
 
 OnStep = Callable[[GenerationResult, StepActivations], bool]
 OnEnd = Callable[[Optional[BaseException]], None]
 
 
 def model_batchable(kit: ModelKit) -> bool:
-    """Whether rows of this model can share a forward: native, plain KV caches, per-row RoPE offsets."""
-    if not kit.native or kit.arch_info.model_type in _SCALAR_OFFSET:
+    """Whether rows of this model can share a forward: native, per-row RoPE offsets, and caches
+    that merge into a batch (plain KV caches; rotating ones where the architecture is proven)."""
+    model_type = kit.arch_info.model_type
+    if not kit.native or model_type in _SCALAR_OFFSET:
         return False
-    return all(type(c) is KVCache for c in make_prompt_cache(kit.model))
+    for c in make_prompt_cache(kit.model):
+        rotating = type(c) is RotatingKVCache and c.keep == 0 and model_type in _WINDOW_PROVEN
+        if not (type(c) is KVCache or rotating):
+            return False
+    return True
 
 
 def batchable(kit: ModelKit, hooks: Sequence[ResolvedHook], edits: Sequence[BoundIntervention]) -> bool:
@@ -214,9 +240,10 @@ class _RowHooks:
             xi = x[i : i + 1]
             ctx = {k: v[i : i + 1] if isinstance(v, mx.array) and v.ndim and v.shape[0] == batch else v for k, v in context.items()}
             if row_keys is not None:
-                # Scores or a pattern over left-padded keys: the row sees its own columns only.
-                start, ctx["key_positions"] = row_keys[i]
-                xi = xi[..., start:]
+                # Scores or a pattern over left-padded keys: the row sees its own columns only
+                # (a slice start for a plain cache, column indices in temporal order for a ring).
+                columns, ctx["key_positions"] = row_keys[i]
+                xi = xi[..., columns:] if isinstance(columns, int) else mx.take(xi, columns, axis=-1)
                 if fn(hp, xi, ctx) is not xi:
                     raise RuntimeError(f"{hp.name}: attention scores and patterns can be captured in a batch, not edited")
                 continue
@@ -248,10 +275,11 @@ class BatchDecoder:
         if self._caches is None:
             self._caches = row.cache
         elif len(self._cache_rows) == 1:
-            self._caches = [BatchKVCache.merge([a, b]) for a, b in zip(self._caches, row.cache)]
+            # KVCache.merge makes a BatchKVCache, RotatingKVCache.merge a BatchRotatingKVCache.
+            self._caches = [type(a).merge([a, b]) for a, b in zip(self._caches, row.cache)]
         else:
             for batch, own in zip(self._caches, row.cache):
-                batch.extend(BatchKVCache.merge([own]))
+                batch.extend(type(own).merge([own]))
         row.cache = None
         self._cache_rows.append(row)
         self.rows.append(row)

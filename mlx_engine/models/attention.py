@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import BatchKVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache
 
 from .base import BlockHooks
 
@@ -95,6 +95,8 @@ def _explicit_attention(
     n_kv, S = keys.shape[1], keys.shape[2]
     if isinstance(cache, BatchKVCache):
         allowed, context = _batch_allowed(cache, offset, T, S, window)
+    elif isinstance(cache, BatchRotatingKVCache):
+        allowed, context = _batch_window_allowed(cache, offset, T, S, window)
     else:
         positions = key_positions(cache, S, n_new)
         if _is_ring_order(cache, S, n_new):
@@ -148,6 +150,35 @@ def _batch_allowed(cache: BatchKVCache, offset: mx.array, T: int, S: int, window
         allowed = allowed & (keys_pos > q - window)
     row_keys = [(p, mx.arange(S - p)) for p in pads.tolist()]
     return allowed[:, None], {"row_keys": row_keys}
+
+
+def _batch_window_allowed(cache: BatchRotatingKVCache, offset: mx.array, T: int, S: int, window: Optional[int]) -> tuple[mx.array, dict[str, Any]]:
+    """The mask [B, 1, 1, S] of a batch's ring of window slots after a one-token update, and its capture context.
+
+    Rows are decoded together one token at a time (they prefill alone), so every row wrote
+    its newest key into the same slot, `_idx - 1`; reading the ring from `_idx` (or from 0
+    before it wraps) gives every row's keys in temporal order, and the key `d` columns before
+    the newest one is row i's position `offset[i] - d`. Negative positions are the row's left
+    padding; positions at or before `offset[i] - window` are outside its window. `row_keys`
+    gives each row its own columns in temporal order, as a lone run's ring cache has them.
+    """
+    if T != 1:
+        raise ValueError(f"a batch of sliding-window rows decodes one token a step, got {T} new positions")
+    window = window if window is not None else cache.max_size
+    order = (mx.arange(S) + cache._idx) % S if cache.rotated else mx.arange(S)
+    back = mx.zeros((S,), dtype=mx.int32)
+    back[order] = mx.arange(S - 1, -1, -1, dtype=mx.int32)  # column -> how many keys before the newest
+    positions = offset[:, None] - back[None, :]  # [B, S]
+    first = mx.maximum(offset - window + 1, 0)[:, None]
+    allowed = positions >= first
+    row_keys = []
+    ordered = positions[:, order]
+    for i, (q, lo) in enumerate(zip(offset.tolist(), first[:, 0].tolist())):
+        n = q - lo + 1  # the row's keys: the last n columns in temporal order
+        if n > S:
+            raise RuntimeError(f"row {i} of a sliding-window batch has {n} keys in its window but the ring holds {S}")
+        row_keys.append((order[S - n :], ordered[i, S - n :]))
+    return allowed[:, None, None, :], {"row_keys": row_keys}
 
 
 def layer_masks(x: mx.array, caches: list[Any], layers: list[Any], window: Optional[int]) -> list[Union[None, str, mx.array]]:

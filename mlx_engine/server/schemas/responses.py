@@ -312,7 +312,7 @@ class BatchingStatus(BaseModel):
     largest_batch: int = Field(description="The most generations one decode step has run together.")
     decode_steps: int
     batched_steps: int = Field(description="Decode steps that ran more than one generation.")
-    solo_generations: int = Field(description="Generations that could not be batched (models without plain KV caches: sliding windows, GPT-2, fallback classes) and ran alone.")
+    solo_generations: int = Field(description="Generations that could not be batched (GPT-2, fallback classes, Gemma 2/3) and ran alone.")
     prompt_cache: Optional[PromptCacheStatus] = Field(description="null when the prompt cache is off.")
 
 
