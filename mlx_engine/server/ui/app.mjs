@@ -2,7 +2,7 @@
  * The viewer's shell: the connection bar (API key, model), the shared request form, and one
  * tab per panel. A panel is one ES module under panels/ that default-exports
  * `{ id, title, mount(section, ctx) }`; `mount` may return `{ show(), hide() }`, called each
- * time its tab opens and closes. Adding a panel (stores, analysis, SAEs) is one module and one name in PANELS.
+ * time its tab opens and closes. Adding a panel is one module and one name in PANELS.
  */
 
 import { Api, describeError } from "./api.mjs";
@@ -10,7 +10,7 @@ import { resizeCharts } from "./charts.mjs";
 import { el, fillSelect, say } from "./dom.mjs";
 import { RequestForm } from "./request.mjs";
 
-const PANELS = ["generate", "layers", "attention", "steer", "models"];
+const PANELS = ["generate", "layers", "attention", "lens", "neurons", "steer", "models"];
 
 /** What every panel is given: the API, the shared request, the chosen model and its listing. */
 class Context {
@@ -20,6 +20,7 @@ class Context {
     this.model = null;
     this.listings = new Map();
     this.modelListeners = [];
+    this.paths = null; // the API's paths from /openapi.json (null until read)
     this.statusLine = document.getElementById("status");
   }
 
@@ -33,6 +34,11 @@ class Context {
       pending.catch(() => this.listings.delete(id));
     }
     return this.listings.get(this.model);
+  }
+
+  /** Whether this server offers `path` (as /openapi.json spells it, e.g. "/v1/stores/{store_id}/stats"). */
+  offers(path) {
+    return this.paths === null || this.paths.has(path);
   }
 
   onModelChange(listener) {
@@ -129,6 +135,7 @@ async function start() {
   // The public OpenAPI document says whether /v1/* wants a key; asking before any call keeps a
   // keyed server from answering the page's first requests with 401s.
   const doc = await api.get("/openapi.json");
+  ctx.paths = new Set(Object.keys(doc.paths || {}));
   const needsKey = Array.isArray(doc.security) && doc.security.length > 0;
   document.body.dataset.needsKey = String(needsKey);
   if (needsKey) {

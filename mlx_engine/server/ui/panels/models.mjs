@@ -1,12 +1,14 @@
 /**
  * Models: the models the server has loaded (load one more, unload one), the chosen model's
  * hook points (every layer's components and their shapes), and the process's memory, polled
- * from GET /v1/memory every two seconds while this tab is open.
+ * from GET /v1/memory every two seconds while this tab is open, with the extraction jobs and
+ * their progress (extract_jobs.mjs) polled alongside.
  */
 
 import { describeError } from "../api.mjs";
 import { lines } from "../charts.mjs";
 import { el, say } from "../dom.mjs";
+import { ExtractJobs } from "../extract_jobs.mjs";
 
 const POLL_MS = 2000;
 const HISTORY = 150; // samples kept for the chart: five minutes
@@ -23,6 +25,7 @@ const TEMPLATE = `
   <dl id="models-memory" class="memory"></dl>
   <div id="models-memory-chart" class="chart short" role="img" aria-label="Memory over time"></div>
 </div>
+<section id="models-jobs" aria-label="Extraction jobs"></section>
 <h3 id="models-hooks-title">Hook points</h3>
 <p id="models-notes" class="muted"></p>
 <div class="scroll"><table id="models-hooks"></table></div>`;
@@ -52,10 +55,12 @@ class ModelsView {
       this.load(this.q("#models-name").value.trim());
     });
     ctx.onModelChange(() => this.drawHooks());
+    this.jobs = new ExtractJobs(this.q("#models-jobs"), ctx);
   }
 
   show() {
     this.refresh();
+    this.jobs.refreshControls();
     this.poll();
     if (this.timer === null) this.timer = setInterval(() => this.poll(), POLL_MS);
   }
@@ -117,7 +122,7 @@ class ModelsView {
 
   async poll() {
     try {
-      const [memory, health] = await Promise.all([this.ctx.api.get("/v1/memory"), this.ctx.api.get("/health")]);
+      const [memory, health] = await Promise.all([this.ctx.api.get("/v1/memory"), this.ctx.api.get("/health"), this.jobs.poll()]);
       for (const m of memory.models) this.parameterBytes.set(m.id, m.parameter_bytes);
       for (const cell of this.q("#models-table").querySelectorAll("tr[data-model]")) {
         cell.querySelector('[data-role="weights"]').textContent = bytes(this.parameterBytes.get(cell.dataset.model));

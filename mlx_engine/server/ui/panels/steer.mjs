@@ -1,7 +1,9 @@
 /**
  * Steer: the shared request run twice, without and with one intervention, side by side:
  * add a steering vector (built by POST /v1/steering/vectors from two sets of prompts) with
- * a scale, zero-ablate attention heads (at `z`, the per-head outputs), or clamp one neuron.
+ * a scale, zero-ablate attention heads (at `z`, the per-head outputs), clamp one neuron, or
+ * edit one feature of an SAE attached to the model (GET /v1/models/{id}/saes; the edit moves
+ * the SAE's site by the feature's decoder delta, sae/attach.py).
  * Each intervention acts at the positions chosen. Below the two continuations, the
  * difference between the two runs in a chosen capture: ‖steered − unsteered‖₂ per position.
  */
@@ -21,8 +23,9 @@ const TEMPLATE = `
     <option value="add">add a steering vector</option>
     <option value="zero">zero-ablate heads (z)</option>
     <option value="clamp">clamp a neuron</option>
+    <option value="sae">edit an SAE feature</option>
   </select></label>
-  <label>Layer <select id="steer-layer"></select></label>
+  <label id="steer-layer-label">Layer <select id="steer-layer"></select></label>
   <label>Positions <select id="steer-positions">
     <option value="all">all</option><option value="prompt">prompt</option><option value="generated">generated</option><option value="list">listed…</option>
   </select></label>
@@ -49,6 +52,18 @@ return self._name</textarea></label>
   <label>Min <input id="steer-min" type="number" step="any" value="0"></label>
   <label>Max <input id="steer-max" type="number" step="any" value="0"></label>
 </div></fieldset>
+<fieldset data-kind="sae"><legend>SAE feature (an SAE attached to this model)</legend><div class="controls">
+  <label>SAE <select id="steer-sae"></select></label>
+  <label>Feature <input id="steer-feature" type="number" min="0" value="0"></label>
+  <label>Edit <select id="steer-sae-op">
+    <option value="add">add: amount × its decoder direction</option><option value="clamp">clamp to the amount</option><option value="zero">zero it</option>
+  </select></label>
+  <label>Amount <input id="steer-sae-amount" type="number" step="any" value="8"></label>
+</div><p id="steer-sae-note" class="muted"></p>
+<form id="steer-sae-attach" class="controls" autocomplete="off">
+  <label>Attach an SAE <input id="steer-sae-source" type="text" size="28" placeholder="folder under a --sae-root, or owner/name"></label>
+  <button type="submit" class="secondary">Attach</button>
+</form></fieldset>
 <div class="controls">
   <label>Difference in <select id="steer-compare-component"></select></label>
   <label>at layer <select id="steer-compare-layer"></select></label>
@@ -74,13 +89,19 @@ class SteerView {
     this.section = section;
     this.q = (selector) => section.querySelector(selector);
     this.vector = null;
-    for (const id of ["#steer-kind", "#steer-positions", "#steer-component", "#steer-compare-component", "#steer-layer"]) {
+    this.saes = [];
+    for (const id of ["#steer-kind", "#steer-positions", "#steer-component", "#steer-compare-component", "#steer-layer", "#steer-sae"]) {
       this.q(id).addEventListener("change", () => this.refreshControls());
     }
     this.q("#steer-build").addEventListener("click", () => this.buildVector());
+    this.q("#steer-sae-attach").addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.attachSae(this.q("#steer-sae-source").value.trim());
+    });
     this.q("#steer-run").addEventListener("click", () => this.run());
     ctx.onModelChange(() => {
       this.vector = null;
+      this.saes = [];
       this.refreshControls();
     });
   }
@@ -95,6 +116,8 @@ class SteerView {
     const kind = this.q("#steer-kind").value;
     for (const node of this.section.querySelectorAll("fieldset[data-kind]")) node.hidden = node.dataset.kind !== kind;
     this.q('[data-when="list"]').hidden = this.q("#steer-positions").value !== "list";
+    this.q("#steer-layer-label").hidden = kind === "sae";
+    if (kind === "sae") await this.refreshSaes();
     const clampComponents = CLAMP_COMPONENTS.filter((c) => listing.components.includes(c));
     fillSelect(this.q("#steer-component"), clampComponents.map((c) => [c, c]));
     const site = { add: "residual", zero: "z", clamp: this.q("#steer-component").value }[kind];
@@ -112,6 +135,59 @@ class SteerView {
     const compare = this.q("#steer-compare-component").value;
     const layers = layersOffering(listing, compare);
     fillSelect(this.q("#steer-compare-layer"), layerOptions(listing, layers), this.q("#steer-compare-layer").value || String(layers[layers.length - 1]));
+  }
+
+  /** The model's attached SAEs, for the SAE choice (a server without the route says so). */
+  async refreshSaes() {
+    const note = this.q("#steer-sae-note");
+    const paths = this.ctx.paths;
+    if (paths !== null && ![...paths].some((p) => /^\/v1\/models\/\{[^}]+\}\/saes$/.test(p))) {
+      this.saes = [];
+      return say(note, "This server has no /v1/models/{id}/saes: it cannot attach SAEs.", true);
+    }
+    try {
+      this.saes = (await this.ctx.api.get(`/v1/models/${encodeURIComponent(this.ctx.model)}/saes`)).data;
+    } catch (error) {
+      this.saes = [];
+      return say(note, describeError(error), true);
+    }
+    fillSelect(this.q("#steer-sae"), this.saes.map((sae) => [sae.hook_id, `${sae.hook_id} (${sae.d_sae} features on ${sae.site})`]));
+    const chosen = this.saes.find((sae) => sae.hook_id === this.q("#steer-sae").value);
+    if (chosen) this.q("#steer-feature").max = String(chosen.d_sae - 1);
+    say(note, this.saes.length ? "The edit changes the SAE's site by the feature's decoder delta; the SAE's error term is kept." : "No SAE is attached to this model: attach one with POST /v1/models/{id}/saes.");
+  }
+
+  /** POST /v1/models/{id}/saes: attach the SAE `source` names, then list it. */
+  async attachSae(source) {
+    const note = this.q("#steer-sae-note");
+    if (!source) return say(note, "Name an SAE folder (under the server's --sae-root) or a Hub repo id first.", true);
+    try {
+      say(note, `Attaching ${source}…`);
+      const sae = await this.ctx.api.post(`/v1/models/${encodeURIComponent(this.ctx.model)}/saes`, { source });
+      this.ctx.listings.delete(this.ctx.model);
+      await this.refreshSaes();
+      this.q("#steer-sae").value = sae.hook_id;
+      await this.refreshControls();
+    } catch (error) {
+      say(note, describeError(error), true);
+    }
+  }
+
+  /** An SAE feature edit, as AttachedSAE.add / clamp / ablate spell it, with `sae` naming the SAE. */
+  saeIntervention(positions) {
+    const sae = this.saes.find((s) => s.hook_id === this.q("#steer-sae").value);
+    if (!sae) throw new Error("attach an SAE to this model first (POST /v1/models/{id}/saes)");
+    const feature = Number(this.q("#steer-feature").value);
+    if (!(Number.isInteger(feature) && feature >= 0 && feature < sae.d_sae)) throw new Error(`the SAE has features 0..${sae.d_sae - 1}, not ${feature}`);
+    const amount = Number(this.q("#steer-sae-amount").value);
+    const op = this.q("#steer-sae-op").value;
+    if (op === "add") {
+      const vector = new Array(sae.d_sae).fill(0);
+      vector[feature] = 1;
+      return { sae: sae.hook_id, op: "add", vector, scale: amount, positions };
+    }
+    if (op === "clamp") return { sae: sae.hook_id, op: "clamp", indices: [feature], min: amount, max: amount, positions };
+    return { sae: sae.hook_id, op: "zero", indices: [feature], positions };
   }
 
   positions() {
@@ -150,6 +226,7 @@ class SteerView {
     const kind = this.q("#steer-kind").value;
     const layer = Number(this.q("#steer-layer").value);
     const positions = this.positions();
+    if (kind === "sae") return this.saeIntervention(positions);
     if (kind === "add") {
       if (!this.vector || this.vector.layer !== layer) throw new Error(`build the steering vector for layer ${layer} first`);
       return { ...this.vector.intervention, scale: Number(this.q("#steer-scale").value), positions };
