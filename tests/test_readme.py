@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +40,15 @@ def ci_block(marker: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    # A store root: the extraction examples write their stores there.
-    with running_server(store_root=tmp_path_factory.mktemp("stores")) as url:
+def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The folders the README's server is started with, as its examples name them ($STORES, $SAES)."""
+    return {"STORES": str(tmp_path_factory.mktemp("stores")), "SAES": str(tmp_path_factory.mktemp("saes"))}
+
+
+@pytest.fixture(scope="module")
+def base_url(roots: dict[str, str]) -> Iterator[str]:
+    # A store root (the extraction examples write their stores there) and an SAE root.
+    with running_server(store_root=Path(roots["STORES"]), sae_roots=(Path(roots["SAES"]),)) as url:
         yield url
 
 
@@ -116,7 +123,7 @@ def make_capture(base_url: str) -> str:
     return json.loads(made.stdout)["capture_id"]
 
 
-def test_curl_examples_get_real_answers(base_url: str, tmp_path: Path) -> None:
+def test_curl_examples_get_real_answers(base_url: str, roots: dict[str, str], tmp_path: Path) -> None:
     """Every shell block with curl in it runs as a script, against the real server."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
@@ -128,7 +135,8 @@ def test_curl_examples_get_real_answers(base_url: str, tmp_path: Path) -> None:
         done = subprocess.run(
             ["bash", "-c", "set -euo pipefail\n" + CURL_WRAPPER + script],
             capture_output=True, text=True, timeout=600, cwd=tmp_path,
-            env={**os.environ, "CURL_LOG": str(log), "CURL_STATUS": str(status)},
+            env={**os.environ, **roots, "CURL_LOG": str(log), "CURL_STATUS": str(status),
+                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},  # this mlx-engine
         )
         assert done.returncode == 0, f"README shell block {index} failed:\n{script}\n{done.stderr[-2000:]}"
         commands = log.read_text().split("\0")[:-1]

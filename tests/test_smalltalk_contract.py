@@ -29,7 +29,22 @@ ARGUMENTS: dict[str, Any] = {
     "activation_hooks": ["layers.0.residual", {"layer_name": 1, "component": "attention_pattern"}],
     "max_tokens": 2,
     "temperature": 0.0,
+    "store_id": "tiny",
+    "hook": "layers.1.residual",
+    "neuron": 3,
+    "k": 4,
+    "ngram": "#5",
+    "prompt": "Once upon a time",
+    "top_k": 3,
+    "target": None,
+    "foil": None,
+    "repeat_length": 6,
+    "clean": [5, 6, 7, 8, 9],
+    "corrupted": [5, 6, 40, 8, 9],
+    "source": "resid1",
+    "sae_id": "layers.1.residual.sae_features",
 }
+SAE = "/v1/models/default/saes"
 
 CASES = [
     (ep, selector, model)
@@ -41,8 +56,20 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    with running_server() as url:
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The default model, with a store under --store-root and an SAE under --sae-root for the research endpoints."""
+    import mlx_engine
+    import numpy as np
+    from mlx_engine.sae import train
+
+    kit = mlx_engine.load_model("default")
+    texts = [f"Sentence {i}: the cat sat on the mat while a dog ran past." for i in range(12)]
+    stores, saes = tmp_path_factory.mktemp("stores"), tmp_path_factory.mktemp("saes")
+    mlx_engine.extract(kit, texts, ["layers.1.residual"], stores / "tiny", context_size=32, top_k=5, progress=False)
+    rows = np.concatenate([np.array(mlx_engine.run_with_cache(kit, t, ["layers.1.residual"])["layers.1.residual"]) for t in texts])
+    train(rows, "blocks.1.hook_resid_post", 64, saes / "resid1", architecture="topk", k=4, batch_size=32, tokens=20 * 32,
+          lr=1e-3, progress=False, eval_tokens=32)
+    with running_server(store_root=stores, sae_roots=(saes,)) as url:
         yield url
 
 
@@ -59,6 +86,9 @@ def send(base_url: str, method: str, path: str, body: Optional[dict[str, Any]]) 
 @pytest.mark.parametrize("ep, selector, model", CASES, ids=[f"{s}-{m or 'nil'}" for _, s, m in CASES])
 def test_each_generated_request_gets_what_the_client_reads(base_url: str, ep: Endpoint, selector: str, model: Optional[str]) -> None:
     send(base_url, "DELETE", "/v1/activations/hooks", None)  # each case starts with no registered hooks
+    send(base_url, "DELETE", f"{SAE}/{ARGUMENTS['sae_id']}", None)  # ... and no SAE attached
+    if ep.name in ("detach_sae", "list_saes"):
+        assert send(base_url, "POST", SAE, {"source": ARGUMENTS["source"]})[0] == 200
     arguments = [ARGUMENTS[name] for name in ep.smalltalk.args[: selector_arity(ep, selector)]]
     request = smalltalk_request(ep, selector, arguments, model)
     status, answer = send(base_url, request.method, request.path, request.body)

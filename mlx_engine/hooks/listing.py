@@ -64,8 +64,21 @@ def describe_hook_points(kit: "ModelKit") -> dict[str, Any]:
         "embedding": {"hook_id": "embedding", "shape": ["T", info.d_model]},
         "final_norm": {"hook_id": "final_norm", "component": "layernorm", "shape": ["T", info.d_model]},
         "layers": layers,
+        "saes": describe_saes(info),
         "shape_symbols": {"T": "new positions in the pass", "S": "key positions attended (see key_positions)"},
     }
+
+
+def describe_saes(info: Any) -> list[dict[str, Any]]:
+    """The SAEs attached to the model (mlx_engine.attach_sae): each one's feature hook and the site it reads.
+
+    Their features are hook points like the ones above, so a client learns their names here.
+    """
+    return [
+        {"hook_id": s.hook_id, "site": s.base.hook_id, "layer": s.base.layer, "component": C.SAE_FEATURES.value,
+         "d_sae": s.d_sae, "top_k": s.top_k, "hook_name": s.hook_name, "shape": ["T", s.top_k] if s.top_k else ["T", s.d_sae]}
+        for s in getattr(info, "saes", ())
+    ]
 
 
 def _notes(info: Any) -> list[str]:

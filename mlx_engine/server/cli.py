@@ -27,7 +27,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens, help="longest prompt a request may send, in tokens; 0: only the model's context bounds it")
     parser.add_argument("--capture-store-items", type=int, default=defaults.capture_store_items, help="captures kept for download")
     parser.add_argument("--capture-store-mb", type=float, default=defaults.capture_store_mb, help="bytes of captures kept for download")
-    parser.add_argument("--store-root", type=Path, default=None, metavar="DIR", help="folder of activation stores: POST /v1/extract writes a new store here (off without it)")
+    parser.add_argument("--store-root", type=Path, default=None, metavar="DIR", help="folder of activation stores: POST /v1/extract writes a new store here and GET /v1/stores reads the stores under it (both off without it)")
+    parser.add_argument("--sae-root", action="append", default=[], type=Path, metavar="DIR", help="folder whose SAE folders POST /v1/models/{id}/saes may attach (repeatable; model roots count too)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="WSGI worker threads")
     parser.add_argument("--log-request-bodies", action="store_true", help="log request bodies (off by default: prompts are private)")
     parser.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace_s, metavar="SECONDS", help="on SIGINT/SIGTERM, how long open streams get to receive their final events")
@@ -53,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         capture_store_items=args.capture_store_items,
         capture_store_mb=args.capture_store_mb,
         store_root=args.store_root,
+        sae_roots=tuple(args.sae_root),
         threads=args.threads,
         log_request_bodies=args.log_request_bodies,
         shutdown_grace_s=args.shutdown_grace,

@@ -31,8 +31,10 @@ class ServerConfig:
     max_prompt_tokens: int = 32768  # 0: only the model's context bounds a prompt
     capture_store_items: int = 16
     capture_store_mb: float = 1024.0
-    # Activation stores: POST /v1/extract writes new folders here only (None: extraction over HTTP is off).
+    # Activation stores: POST /v1/extract writes new folders here only, GET /v1/stores reads only these (None: both off).
     store_root: Optional[Path] = None
+    # SAE folders POST /v1/models/{id}/saes may attach (besides those under model_roots; Hub ids unless allow_hub_models is off).
+    sae_roots: tuple[Path, ...] = ()
     max_request_mb: float = 16.0
     threads: int = 16  # WSGI worker threads: streams in flight + requests waiting for the engine
     log_request_bodies: bool = False

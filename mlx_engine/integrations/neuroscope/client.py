@@ -230,7 +230,8 @@ def iter_sse(http_response: Any) -> Iterator[dict[str, Any]]:
 
 
 class NeuroScopeClient:
-    """The mlx-engine server as NeuroScope uses it: models, hook points, hooks, chat with activations.
+    """The mlx-engine server as NeuroScope uses it: models, hook points, hooks, chat with activations,
+    activation stores, analyses and attached SAEs.
 
     `model` is the model requests name; `load_model` sets it, and it falls back to the
     server's first loaded model.
@@ -330,6 +331,60 @@ class NeuroScopeClient:
             return ActivationStream(http)
         with http:
             return ActivationResult.from_response(json.loads(http.read().decode("utf-8")))
+
+    # -- activation stores (read-only; ids from list_stores)
+    def list_stores(self) -> list[dict[str, Any]]:
+        return self._call("list_stores")["data"]
+
+    def store_stats(self, store_id: str, hook: str) -> dict[str, Any]:
+        """Per-neuron statistics (`neurons`) and the layer's `summary` of a stored hook."""
+        return self._call("store_stats", query={"hook": hook}, path={"store_id": store_id})
+
+    def top_examples(self, store_id: str, hook: str, neuron: int, k: int = 20, context: int = 8) -> list[dict[str, Any]]:
+        """A neuron's top-activating examples, in Neuronpedia's fields (tokens, values, maxValue, maxValueTokenIndex)."""
+        query = {"hook": hook, "neuron": neuron, "k": k, "context": context}
+        return self._call("top_examples", query=query, path={"store_id": store_id})["examples"]
+
+    def ngram_neurons(self, store_id: str, ngram: Union[str, Sequence[int]], hook: Optional[str] = None, k: int = 10) -> dict[str, Any]:
+        """The neurons a token or n-gram (text, '#12 #40', or token ids) activates most, per hook."""
+        text = ngram if isinstance(ngram, str) else ",".join(str(int(t)) for t in ngram)
+        return self._call("ngram_neurons", query={"ngram": text, "hook": hook, "k": k}, path={"store_id": store_id})
+
+    def neuron_ngrams(self, store_id: str, hook: str, neuron: int, n: int = 3, k: int = 10) -> dict[str, list[dict[str, Any]]]:
+        """The n-grams of 1..n tokens with the largest mean activation of `neuron`, by length ('1', '2', ...)."""
+        query = {"hook": hook, "neuron": neuron, "n": n, "k": k}
+        return self._call("neuron_ngrams", query=query, path={"store_id": store_id})["ngrams"]
+
+    # -- analyses on the client's model
+    def logit_lens(self, prompt: Union[str, Sequence[int]], top_k: int = 5) -> dict[str, Any]:
+        return self._call("logit_lens", prompt=_prompt(prompt), top_k=top_k, model=self.model)
+
+    def attribution(self, prompt: Union[str, Sequence[int]], target: Optional[Union[str, int]] = None,
+                    foil: Optional[Union[str, int]] = None, position: int = -1) -> dict[str, Any]:
+        return self._call("attribution", prompt=_prompt(prompt), target=target, foil=foil, position=position, model=self.model)
+
+    def head_scores(self, prompt: Union[str, Sequence[int]], repeat_length: int = 20, importance: bool = False) -> dict[str, Any]:
+        return self._call("head_scores", prompt=_prompt(prompt), repeat_length=repeat_length, importance=importance, model=self.model)
+
+    def patching(self, clean: Union[str, Sequence[int]], corrupted: Union[str, Sequence[int]], component: str = "residual",
+                 metric: str = "logit_diff") -> dict[str, Any]:
+        return self._call("patching", clean=_prompt(clean), corrupted=_prompt(corrupted), component=component, metric=metric,
+                          model=self.model)
+
+    # -- SAEs attached to the client's model
+    def attach_sae(self, source: str, top_k: Optional[int] = None) -> dict[str, Any]:
+        """Attach an SAE folder (under the server's --sae-root) or Hub id; the answer's `id` names its features."""
+        return self._call("attach_sae", path={"model_id": self.current_model()}, source=source, top_k=top_k)
+
+    def list_saes(self) -> list[dict[str, Any]]:
+        return self._call("list_saes", path={"model_id": self.current_model()})["data"]
+
+    def detach_sae(self, sae_id: str) -> list[dict[str, Any]]:
+        return self._call("detach_sae", path={"model_id": self.current_model(), "sae_id": sae_id})["data"]
+
+
+def _prompt(prompt: Union[str, Sequence[int]]) -> Union[str, list[int]]:
+    return prompt if isinstance(prompt, str) else [int(t) for t in prompt]
 
 
 def _server_error(exc: urllib.error.HTTPError) -> NeuroScopeError:

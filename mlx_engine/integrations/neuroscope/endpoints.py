@@ -70,10 +70,20 @@ class Endpoint:
     query: tuple[Field, ...] = ()
     reads: tuple[str, ...] = ()  # top-level response keys the clients read
     streams: bool = False  # `stream: true` turns the response into SSE
+    client_method: str = ""  # the Python client's method (default: `name`); the JS client's is its camelCase
 
     @property
     def path_params(self) -> tuple[str, ...]:
         return tuple(re.findall(r"{(\w+)}", self.path))
+
+    @property
+    def python_method(self) -> str:
+        return self.client_method or self.name
+
+    @property
+    def js_method(self) -> str:
+        head, *rest = self.python_method.split("_")
+        return head + "".join(p.capitalize() for p in rest)
 
     def field(self, name: str) -> Field:
         for f in self.body + self.query:
@@ -86,6 +96,148 @@ class Endpoint:
 
 
 MODEL_FIELD = Field("model", "string", doc="A loaded model id; the server's only loaded model if left out.")
+PROMPT_DOC = "Text (tokenized without a chat template) or a list of token ids."
+HOOK_QUERY = Field("hook", "string", REQUIRED, "A hook id the store holds (listStores names them).")
+
+# Activation stores (read-only), analyses on the client's model, and attached SAEs.
+RESEARCH_ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        name="list_stores",
+        method="GET",
+        path="/v1/stores",
+        summary="The activation stores under the server's --store-root: id, status, model, hooks and widths.",
+        smalltalk=SmalltalkBinding("listStores"),
+        reads=("data",),
+    ),
+    Endpoint(
+        name="store_stats",
+        method="GET",
+        path="/v1/stores/{store_id}/stats",
+        summary="A stored hook's per-neuron statistics (neurons) and the layer's summary.",
+        smalltalk=SmalltalkBinding("storeStats:hook:", ("store_id", "hook")),
+        query=(HOOK_QUERY,),
+        reads=("neurons", "summary"),
+    ),
+    Endpoint(
+        name="top_examples",
+        method="GET",
+        path="/v1/stores/{store_id}/top_examples",
+        summary="A neuron's top-activating examples in Neuronpedia's format (tokens, values, maxValue, maxValueTokenIndex).",
+        smalltalk=SmalltalkBinding("topExamples:hook:neuron:k:", ("store_id", "hook", "neuron", "k"), ("topExamples:hook:neuron:",)),
+        query=(HOOK_QUERY, Field("neuron", "integer", REQUIRED, "The neuron (column)."),
+               Field("k", "integer", 20, "Examples at most."), Field("context", "integer", 8, "Positions each side of the peak.")),
+        reads=("examples",),
+    ),
+    Endpoint(
+        name="ngram_neurons",
+        method="GET",
+        path="/v1/stores/{store_id}/reverse",
+        summary="The neurons a token or n-gram activates most, per hook (mean activation and z-score).",
+        smalltalk=SmalltalkBinding("ngramNeurons:ngram:", ("store_id", "ngram")),
+        query=(Field("ngram", "string", REQUIRED, "Token ids ('#12 #40' or '12,40') or text."),
+               Field("hook", "string", None, "One hook (default: every hook)."), Field("k", "integer", 10, "Neurons per hook.")),
+        reads=("count", "hooks"),
+    ),
+    Endpoint(
+        name="neuron_ngrams",
+        method="GET",
+        path="/v1/stores/{store_id}/reverse",
+        summary="The n-grams (1..n tokens) with the largest mean activation of a neuron.",
+        smalltalk=SmalltalkBinding("neuronNgrams:hook:neuron:", ("store_id", "hook", "neuron")),
+        query=(HOOK_QUERY, Field("neuron", "integer", REQUIRED, "The neuron (column)."),
+               Field("n", "integer", 3, "Longest n-gram."), Field("k", "integer", 10, "N-grams per length.")),
+        reads=("ngrams",),
+    ),
+    Endpoint(
+        name="logit_lens",
+        method="POST",
+        path="/v1/analysis/logit_lens",
+        summary="Every layer's residual read through the final norm and head: top tokens, the next token's rank, KL.",
+        smalltalk=SmalltalkBinding("logitLens:topK:", ("prompt", "top_k"), ("logitLens:",)),
+        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("top_k", "integer", 5, "Tokens per layer and position."), MODEL_FIELD),
+        reads=("layers", "tokens", "top_strings", "top_probs", "next_rank"),
+    ),
+    Endpoint(
+        name="attribution",
+        method="POST",
+        path="/v1/analysis/attribution",
+        summary="Direct logit attribution of logit(target) - logit(foil) to the embedding, layers and heads.",
+        smalltalk=SmalltalkBinding("attribution:target:foil:", ("prompt", "target", "foil"), ("attribution:",)),
+        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("target", "string", None, "A token (default: the top one)."),
+              Field("foil", "string", None, "A token (default: the runner-up)."), Field("position", "integer", -1, "The position read."),
+              MODEL_FIELD),
+        reads=("total", "terms", "target_string", "foil_string"),
+    ),
+    Endpoint(
+        name="head_scores",
+        method="POST",
+        path="/v1/analysis/heads",
+        summary="Per-head induction, duplicate-token, previous-token, entropy (and importance) scores.",
+        smalltalk=SmalltalkBinding("headScores:repeatLength:", ("prompt", "repeat_length"), ("headScores:",)),
+        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("repeat_length", "integer", 20, "The repeated sequence's length."),
+              Field("importance", "boolean", False, "Also ablate each head on the prompt."), MODEL_FIELD),
+        reads=("tables", "ranked"),
+    ),
+    Endpoint(
+        name="patching",
+        method="POST",
+        path="/v1/analysis/patching",
+        summary="Activation patching: the fraction of the clean behaviour each (layer, position) restores.",
+        smalltalk=SmalltalkBinding("patchClean:corrupted:", ("clean", "corrupted")),
+        body=(Field("clean", "string", REQUIRED, PROMPT_DOC), Field("corrupted", "string", REQUIRED, "As many tokens as clean."),
+              Field("component", "string", "residual", "The site patched.", ("residual", "attention", "mlp", "resid_mid", "z")),
+              Field("metric", "string", "logit_diff", "What is recovered.", ("logit_diff", "prob")), MODEL_FIELD),
+        reads=("fractions", "layers", "columns", "clean_metric", "corrupted_metric"),
+    ),
+    Endpoint(
+        name="attach_sae",
+        method="POST",
+        path="/v1/models/{model_id}/saes",
+        summary="Attach an SAE (a folder under an --sae-root, or a Hub id): its features become a hook point.",
+        smalltalk=SmalltalkBinding("attachSae:topK:", ("source", "top_k"), ("attachSae:",)),
+        body=(Field("source", "string", REQUIRED, "A folder under an --sae-root or --model-root, or 'owner/name'."),
+              Field("top_k", "integer", None, "Capture only the k largest features per position.")),
+        reads=("id", "hook_id", "d_sae"),
+    ),
+    Endpoint(
+        name="list_saes",
+        method="GET",
+        path="/v1/models/{model_id}/saes",
+        summary="The SAEs attached to the model.",
+        smalltalk=SmalltalkBinding("saes"),
+        reads=("data",),
+    ),
+    Endpoint(
+        name="detach_sae",
+        method="DELETE",
+        path="/v1/models/{model_id}/saes/{sae_id}",
+        summary="Detach an SAE by its id.",
+        smalltalk=SmalltalkBinding("detachSae:", ("sae_id",)),
+        reads=("data",),
+    ),
+)
+
+# Routes no client calls, each with the reason; a test fails on a route in neither table.
+NOT_FOR_CLIENTS: dict[str, str] = {
+    "GET /openapi.json": "the description of the API itself",
+    "GET /static/{filename}": "Flask's static files",
+    "GET /ui/": "the viewer's page",
+    "GET /ui/{filename}": "the viewer's files",
+    "POST /v1/chat/completions": "OpenAI-compatible: the OpenAI SDKs call it",
+    "POST /v1/completions": "OpenAI-compatible: the OpenAI SDKs call it",
+    "GET /v1/models/{model_id}": "OpenAI-compatible: the OpenAI SDKs call it",
+    "POST /v1/models/unload": "operator action, not part of an analysis session",
+    "GET /v1/memory": "operator view of the process's memory",
+    "GET /v1/activations/hooks": "clients keep their own list: registerHooks answers it",
+    "GET /v1/activations/captures": "whole-capture downloads are safetensors files, read with mlx_engine.wire.files",
+    "GET /v1/activations/captures/{capture_id}": "whole-capture downloads are safetensors files, read with mlx_engine.wire.files",
+    "DELETE /v1/activations/captures/{capture_id}": "whole-capture downloads are safetensors files, read with mlx_engine.wire.files",
+    "POST /v1/steering/vectors": "interventions are passed to generateWithActivations as built elsewhere",
+    "POST /v1/extract": "extraction is a long job run from the viewer, the command line or Python",
+    "GET /v1/extract": "extraction is a long job run from the viewer, the command line or Python",
+    "GET /v1/extract/{job_id}": "extraction is a long job run from the viewer, the command line or Python",
+    "DELETE /v1/extract/{job_id}": "extraction is a long job run from the viewer, the command line or Python",
+}
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
@@ -103,6 +255,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         summary="The loaded models (OpenAI list).",
         smalltalk=SmalltalkBinding("models"),
         reads=("data",),
+        client_method="list_models",
     ),
     Endpoint(
         name="load_model",
@@ -173,6 +326,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ),
         streams=True,
     ),
+    *RESEARCH_ENDPOINTS,
 )
 
 BY_NAME: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS}
@@ -244,7 +398,8 @@ def endpoints_js() -> str:
         for ep in ENDPOINTS
     }
     fields = json.dumps(list(REQUIRED_FIELD_NAMES))
+    rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in table.items())
     return (
-        f"{JS_BEGIN}\nexport const ENDPOINTS = Object.freeze({json.dumps(table, indent=2)});\n"
+        f"{JS_BEGIN}\nexport const ENDPOINTS = Object.freeze({{\n{rows},\n}});\n"
         f"// The metadata every wire capture carries (wire/fields.py).\nexport const CAPTURE_FIELDS = Object.freeze({fields});\n{JS_END}\n"
     )

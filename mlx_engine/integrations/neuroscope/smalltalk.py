@@ -15,14 +15,13 @@ tests are shared the same way through `check:then:`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from ...wire.fields import REQUIRED_FIELD_NAMES
 from .endpoints import ENDPOINTS, Endpoint
 from .presets import ATTENTION_COMPONENTS, CIRCUIT_COMPONENTS
 from .smalltalk_dialects import DIALECT_BY_NAME, Dialect
-from .smalltalk_requests import ARGUMENT_CONVERSION, body_plan
+from .smalltalk_requests import ARGUMENT_CONVERSION, QUERY_METHODS, body_plan, path_expression
 from .smalltalk_analysis import conversion_methods as analysis_conversion_methods
 from .smalltalk_source import ClassSpec, Method, escape_chunk, method, st_literal, st_string, st_string_array
 from .smalltalk_streaming import TRANSPORT as STREAM_TRANSPORT
@@ -126,23 +125,6 @@ def _keyword_args(selector: str, args: Sequence[str]) -> tuple[str, list[str]]:
     return pattern, names
 
 
-def _path_expression(ep: Endpoint) -> str:
-    """A Smalltalk expression for the request path; `{model_id}` is the `id` block argument."""
-    parts = re.split(r"({\w+})", ep.path)
-    pieces = []
-    for part in parts:
-        if not part:
-            continue
-        if part == "{model_id}":
-            pieces.append("id")
-        else:
-            pieces.append(st_string(part))
-    expr = " , ".join(pieces)
-    if ep.query:
-        expr += " , self modelQuery"
-    return expr
-
-
 def _endpoint_methods(ep: Endpoint) -> list[Method]:
     binding = ep.smalltalk
     pattern, arg_names = _keyword_args(binding.selector, binding.args) if binding.args else (binding.selector, [])
@@ -160,7 +142,7 @@ def _endpoint_methods(ep: Endpoint) -> list[Method]:
             else:
                 lines.append(f"    body at: {st_string(part.field)} put: {st_literal(part.value)}.")
     body_expr = "body" if ep.body else "nil"
-    call = f"self request: {st_string(ep.method)} path: {_path_expression(ep)} body: {body_expr}"
+    call = f"self request: {st_string(ep.method)} path: {path_expression(ep, bound, st_literal, st_string)} body: {body_expr}"
     if "{model_id}" in ep.path:
         call = f"self when: self currentModel do: [ :id | {call} ]"
     after = _AFTER_RESPONSE.get(ep.name)
@@ -347,6 +329,7 @@ def client_classes(dialect: Dialect, base_url: str) -> list[ClassSpec]:
     methods = _accessing_methods(base_url)
     for ep in ENDPOINTS:
         methods.extend(_endpoint_methods(ep))
+    methods += [method(category, source) for category, source in QUERY_METHODS]
     methods += _preset_methods() + _conversion_methods() + analysis_conversion_methods() + streaming_methods()
     methods += list(dialect.transport_methods) + list(STREAM_TRANSPORT[dialect.name])
     ivars = CLIENT_IVARS + dialect.client_ivars

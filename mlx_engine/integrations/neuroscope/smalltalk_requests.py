@@ -8,6 +8,7 @@ run here (no image can be installed); this is how their requests are still check
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -64,6 +65,72 @@ def body_plan(ep: Endpoint) -> list[BodyPart]:
     return parts
 
 
+def query_plan(ep: Endpoint) -> list[BodyPart]:
+    """The query parameters a generated method appends, in order: bound ones as given, others at their
+    client default (left out when it is None). An endpoint whose only query field is `model` uses
+    `modelQuery` instead (the client's model, when it has one)."""
+    bound = set(ep.smalltalk.args)
+    return [BodyPart(f.name, "argument") if f.name in bound else BodyPart(f.name, "default", f.default)
+            for f in ep.query if f.name in bound or f.default is not None]
+
+
+def model_query_only(ep: Endpoint) -> bool:
+    return [f.name for f in ep.query] == ["model"]
+
+
+def path_expression(ep: Endpoint, bound: dict[str, str], literal: Callable[[Any], str], string: Callable[[str], str]) -> str:
+    """The Smalltalk expression of a request's path: `{model_id}` is the `id` block argument, other
+    path parameters and the query values are bound arguments, percent-encoded by `urlEncode:`."""
+    pieces = []
+    for part in re.split(r"({\w+})", ep.path):
+        if part == "{model_id}":
+            pieces.append("id")
+        elif part.startswith("{"):
+            pieces.append(f"(self urlEncode: {bound[part[1:-1]]})")
+        elif part:
+            pieces.append(string(part))
+    if model_query_only(ep):
+        pieces.append("self modelQuery")
+    elif ep.query:
+        pairs = [f"{string(q.field)} -> {bound[q.field] if q.source == 'argument' else literal(q.value)}" for q in query_plan(ep)]
+        pieces.append("(self query: { " + ". ".join(pairs) + " })")
+    return " , ".join(pieces)
+
+
+# The helpers the query building needs, the same source in every dialect (ASCII percent-encoding:
+# ids, hook names and numbers are ASCII; a character beyond ASCII is sent as one %XX of its code, so
+# text n-grams outside ASCII need token ids; `asciiValue`, `//` and `copyFrom:to:` exist in all three).
+QUERY_METHODS: tuple[tuple[str, str], ...] = (
+    ("private", """
+urlEncode: aValue
+    "aValue (a string or a number) percent-encoded for a path segment or a query value."
+    | text safe hex out code |
+    text := aValue isString ifTrue: [ aValue ] ifFalse: [ aValue printString ].
+    safe := 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~'.
+    hex := '0123456789ABCDEF'.
+    out := ''.
+    1 to: text size do: [ :i |
+        (safe includes: (text at: i))
+            ifTrue: [ out := out , (text copyFrom: i to: i) ]
+            ifFalse: [
+                code := (text at: i) asciiValue.
+                out := out , '%' , (hex copyFrom: code // 16 + 1 to: code // 16 + 1)
+                    , (hex copyFrom: code - (code // 16 * 16) + 1 to: code - (code // 16 * 16) + 1) ] ].
+    ^ out
+"""),
+    ("private", """
+query: associations
+    "'?key=value&...' of the associations whose value is not nil, the client's model added when chosen."
+    | out |
+    out := ''.
+    associations do: [ :each |
+        each value isNil ifFalse: [
+            out := out , (out isEmpty ifTrue: [ '?' ] ifFalse: [ '&' ]) , each key , '=' , (self urlEncode: each value) ] ].
+    ^ out
+"""),
+)
+
+
 @dataclass(frozen=True)
 class SmalltalkRequest:
     method: str
@@ -110,6 +177,20 @@ def smalltalk_request(ep: Endpoint, selector: str, arguments: Sequence[Any], mod
         if model is None:
             raise ValueError(f"{selector} first asks the server for a model (currentModel); give the model it finds")
         path = path.replace("{model_id}", model)  # joined as is, like the generated `, id ,`
-    if ep.query and model is not None:
-        path += "?model=" + model  # modelQuery: appended as is
+    for name in ep.path_params:
+        if name != "model_id":
+            path = path.replace("{" + name + "}", _url_encode(values[name]))
+    if model_query_only(ep):
+        if model is not None:
+            path += "?model=" + model  # modelQuery: appended as is
+    elif ep.query:
+        pairs = [(q.field, values[q.field] if q.source == "argument" else q.value) for q in query_plan(ep)]
+        given = [f"{k}={_url_encode(v)}" for k, v in pairs if v is not None]
+        path += ("?" + "&".join(given)) if given else ""
     return SmalltalkRequest(ep.method, path, body)
+
+
+def _url_encode(value: Any) -> str:
+    """As the client's `urlEncode:`: unreserved ASCII kept, every other character as %XX."""
+    text = value if isinstance(value, str) else str(value)
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_.~") else f"%{ord(c):02X}" for c in text)

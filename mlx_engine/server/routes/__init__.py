@@ -1,16 +1,20 @@
-"""Blueprints by concern: OpenAI-compatible routes, activations, steering, model management, service, viewer."""
+"""Blueprints by concern: OpenAI-compatible routes, activations, steering, model management, service, viewer,
+extraction, stores, analyses and attached SAEs."""
 
 from werkzeug.routing import PathConverter
 
 from .activations import bp as activations_bp
+from .analysis import bp as analysis_bp
 from .extract import bp as extract_bp
 from .meta import bp as meta_bp
 from .models import bp as models_bp
 from .openai import bp as openai_bp
+from .saes import bp as saes_bp
 from .steering import bp as steering_bp
+from .stores import bp as stores_bp
 from .ui import bp as ui_bp
 
-BLUEPRINTS = (openai_bp, activations_bp, steering_bp, models_bp, meta_bp, ui_bp, extract_bp)
+BLUEPRINTS = (openai_bp, activations_bp, steering_bp, models_bp, meta_bp, ui_bp, extract_bp, stores_bp, analysis_bp, saes_bp)
 
 
 class ModelIdConverter(PathConverter):

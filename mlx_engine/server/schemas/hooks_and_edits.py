@@ -18,16 +18,37 @@ from .common import MAX_HOOKS, MAX_INTERVENTIONS, StrictModel
 
 # ----------------------------------------------------------------------------- hooks
 
+SAEName = Annotated[str, Field(min_length=1, max_length=200)]
+SAE_DOC = ("An SAE attached to the model (its id in GET /v1/models/{model_id}/saes, e.g. 'layers.1.residual.sae_features'): "
+           "its features, instead of layer_name and component.")
+
+
+def with_sae_site(spec: Any) -> Any:
+    """`sae` is shorthand for the SAE's feature hook: layer_name = the SAE id, component sae_features."""
+    if spec.sae is None:
+        if spec.layer_name is None:
+            raise ValueError("give layer_name (a layer or hook name), or sae (an attached SAE's id)")
+        return spec
+    if spec.layer_name is not None:
+        raise ValueError("give layer_name or sae, not both: sae names the SAE's feature hook")
+    if spec.component not in (None, ComponentType.SAE_FEATURES, ComponentType.SAE_FEATURES.value):
+        raise ValueError(f"sae names the SAE's features; component must be left out or 'sae_features', not {spec.component!r}")
+    spec.layer_name, spec.component = spec.sae, ComponentType.SAE_FEATURES
+    return spec
+
+
 
 class HookSpec(StrictModel):
     """One activation hook: a layer name (or TransformerLens hook name) and a component."""
 
-    layer_name: Union[Annotated[int, Field(ge=-(2**31), le=2**31)], Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+    layer_name: Optional[Union[Annotated[int, Field(ge=-(2**31), le=2**31)], Annotated[str, Field(min_length=1, max_length=200)]]] = Field(
+        default=None,
         validation_alias=AliasChoices("layer_name", "layer"),
         description="5, 'layers.5', 'model.layers.5', 'transformer.h.5', 'blocks.5', 'embedding', 'final_norm', "
-        "or a TransformerLens name such as 'blocks.5.hook_resid_post'.",
+        "or a TransformerLens name such as 'blocks.5.hook_resid_post'. Required unless `sae` is given.",
     )
     component: Optional[ComponentType] = None
+    sae: Optional[SAEName] = Field(default=None, description=SAE_DOC)
     # Hook ids name tensors in safetensors files and keys in JSON; keep them plain.
     hook_id: Optional[Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]] = None
     capture_input: bool = False
@@ -39,6 +60,10 @@ class HookSpec(StrictModel):
         Union[Literal["last"], Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(min_length=1, max_length=1 << 20)]]
     ] = Field(default=None, description="Capture only these token positions ('last': each pass's last position).")
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(default=None, description="Capture in this dtype.")
+
+    @model_validator(mode="after")
+    def _sae_names_the_site(self) -> "HookSpec":
+        return with_sae_site(self)
 
 
 class CaptureHookSpec(HookSpec):
@@ -171,12 +196,14 @@ class Intervention(StrictModel):
         }
     )
 
-    layer_name: LayerName = Field(
+    layer_name: Optional[LayerName] = Field(
+        default=None,
         validation_alias=AliasChoices("layer_name", "layer"),
         description="Named as in activation_hooks: 5, 'layers.5', 'model.layers.5', 'embedding', "
-        "or a TransformerLens name such as 'blocks.5.hook_resid_post'.",
+        "or a TransformerLens name such as 'blocks.5.hook_resid_post'. Required unless `sae` is given.",
     )
     component: Optional[EditableComponent] = None
+    sae: Optional[SAEName] = Field(default=None, description=SAE_DOC + " Edits then act on features (indices).")
     capture_input: bool = False
     op: InterventionOp
     positions: Positions = Field(
@@ -204,6 +231,10 @@ class Intervention(StrictModel):
         default=None,
         description="The hook id inside that capture to read; by default the intervention's own hook id.",
     )
+
+    @model_validator(mode="after")
+    def _sae_names_the_site(self) -> "Intervention":
+        return with_sae_site(self)
 
 
 InterventionList = Annotated[list[Intervention], Field(max_length=MAX_INTERVENTIONS)]

@@ -13,78 +13,25 @@
 
 // endpoints:begin (generated from endpoints.py by endpoints_js(); do not edit)
 export const ENDPOINTS = Object.freeze({
-  "health": {
-    "method": "GET",
-    "path": "/health",
-    "body": {},
-    "query": [],
-    "required": []
-  },
-  "models": {
-    "method": "GET",
-    "path": "/v1/models",
-    "body": {},
-    "query": [],
-    "required": []
-  },
-  "load_model": {
-    "method": "POST",
-    "path": "/v1/models/load",
-    "body": {
-      "model": null
-    },
-    "query": [],
-    "required": [
-      "model"
-    ]
-  },
-  "hook_points": {
-    "method": "GET",
-    "path": "/v1/models/{model_id}/hook_points",
-    "body": {},
-    "query": [],
-    "required": []
-  },
-  "register_hooks": {
-    "method": "POST",
-    "path": "/v1/activations/hooks",
-    "body": {
-      "hooks": null,
-      "model": null
-    },
-    "query": [],
-    "required": [
-      "hooks"
-    ]
-  },
-  "clear_hooks": {
-    "method": "DELETE",
-    "path": "/v1/activations/hooks",
-    "body": {},
-    "query": [
-      "model"
-    ],
-    "required": []
-  },
-  "generate_with_activations": {
-    "method": "POST",
-    "path": "/v1/chat/completions/with_activations",
-    "body": {
-      "messages": null,
-      "activation_hooks": null,
-      "max_tokens": 32,
-      "temperature": 0.0,
-      "activation_format": "json",
-      "stream": false,
-      "interventions": null,
-      "model": null
-    },
-    "query": [],
-    "required": [
-      "messages",
-      "activation_hooks"
-    ]
-  }
+  "health": {"method": "GET", "path": "/health", "body": {}, "query": [], "required": []},
+  "models": {"method": "GET", "path": "/v1/models", "body": {}, "query": [], "required": []},
+  "load_model": {"method": "POST", "path": "/v1/models/load", "body": {"model": null}, "query": [], "required": ["model"]},
+  "hook_points": {"method": "GET", "path": "/v1/models/{model_id}/hook_points", "body": {}, "query": [], "required": []},
+  "register_hooks": {"method": "POST", "path": "/v1/activations/hooks", "body": {"hooks": null, "model": null}, "query": [], "required": ["hooks"]},
+  "clear_hooks": {"method": "DELETE", "path": "/v1/activations/hooks", "body": {}, "query": ["model"], "required": []},
+  "generate_with_activations": {"method": "POST", "path": "/v1/chat/completions/with_activations", "body": {"messages": null, "activation_hooks": null, "max_tokens": 32, "temperature": 0.0, "activation_format": "json", "stream": false, "interventions": null, "model": null}, "query": [], "required": ["messages", "activation_hooks"]},
+  "list_stores": {"method": "GET", "path": "/v1/stores", "body": {}, "query": [], "required": []},
+  "store_stats": {"method": "GET", "path": "/v1/stores/{store_id}/stats", "body": {}, "query": ["hook"], "required": []},
+  "top_examples": {"method": "GET", "path": "/v1/stores/{store_id}/top_examples", "body": {}, "query": ["hook", "neuron", "k", "context"], "required": []},
+  "ngram_neurons": {"method": "GET", "path": "/v1/stores/{store_id}/reverse", "body": {}, "query": ["ngram", "hook", "k"], "required": []},
+  "neuron_ngrams": {"method": "GET", "path": "/v1/stores/{store_id}/reverse", "body": {}, "query": ["hook", "neuron", "n", "k"], "required": []},
+  "logit_lens": {"method": "POST", "path": "/v1/analysis/logit_lens", "body": {"prompt": null, "top_k": 5, "model": null}, "query": [], "required": ["prompt"]},
+  "attribution": {"method": "POST", "path": "/v1/analysis/attribution", "body": {"prompt": null, "target": null, "foil": null, "position": -1, "model": null}, "query": [], "required": ["prompt"]},
+  "head_scores": {"method": "POST", "path": "/v1/analysis/heads", "body": {"prompt": null, "repeat_length": 20, "importance": false, "model": null}, "query": [], "required": ["prompt"]},
+  "patching": {"method": "POST", "path": "/v1/analysis/patching", "body": {"clean": null, "corrupted": null, "component": "residual", "metric": "logit_diff", "model": null}, "query": [], "required": ["clean", "corrupted"]},
+  "attach_sae": {"method": "POST", "path": "/v1/models/{model_id}/saes", "body": {"source": null, "top_k": null}, "query": [], "required": ["source"]},
+  "list_saes": {"method": "GET", "path": "/v1/models/{model_id}/saes", "body": {}, "query": [], "required": []},
+  "detach_sae": {"method": "DELETE", "path": "/v1/models/{model_id}/saes/{sae_id}", "body": {}, "query": [], "required": []},
 });
 // The metadata every wire capture carries (wire/fields.py).
 export const CAPTURE_FIELDS = Object.freeze(["hook_id", "layer_name", "layer", "component", "step", "positions", "key_positions", "is_input", "shape", "dtype"]);
@@ -347,6 +294,59 @@ export class NeuroScopeClient {
 
   async clearHooks() {
     return (await this.json("clear_hooks", { query: { model: this.model } })).data;
+  }
+
+  // Activation stores (read-only; ids from listStores).
+  async listStores() {
+    return (await this.json("list_stores")).data;
+  }
+
+  storeStats(storeId, hook) {
+    return this.json("store_stats", { path: { store_id: storeId }, query: { hook } });
+  }
+
+  async topExamples(storeId, hook, neuron, { k = 20, context = 8 } = {}) {
+    return (await this.json("top_examples", { path: { store_id: storeId }, query: { hook, neuron, k, context } })).examples;
+  }
+
+  /** The neurons a token or n-gram activates most: `ngram` is text, "#12 #40", or an array of token ids. */
+  ngramNeurons(storeId, ngram, { hook = null, k = 10 } = {}) {
+    const text = Array.isArray(ngram) ? ngram.join(",") : ngram;
+    return this.json("ngram_neurons", { path: { store_id: storeId }, query: { ngram: text, hook, k } });
+  }
+
+  async neuronNgrams(storeId, hook, neuron, { n = 3, k = 10 } = {}) {
+    return (await this.json("neuron_ngrams", { path: { store_id: storeId }, query: { hook, neuron, n, k } })).ngrams;
+  }
+
+  // Analyses on the client's model; `prompt` is text or an array of token ids.
+  logitLens(prompt, { topK = 5 } = {}) {
+    return this.json("logit_lens", { fields: { prompt, top_k: topK, model: this.model } });
+  }
+
+  attribution(prompt, { target = null, foil = null, position = -1 } = {}) {
+    return this.json("attribution", { fields: { prompt, target, foil, position, model: this.model } });
+  }
+
+  headScores(prompt, { repeatLength = 20, importance = false } = {}) {
+    return this.json("head_scores", { fields: { prompt, repeat_length: repeatLength, importance, model: this.model } });
+  }
+
+  patching(clean, corrupted, { component = "residual", metric = "logit_diff" } = {}) {
+    return this.json("patching", { fields: { clean, corrupted, component, metric, model: this.model } });
+  }
+
+  // SAEs attached to the client's model: an attached SAE's `id` names its features ({sae: id} in a hook).
+  async attachSae(source, { topK = null } = {}) {
+    return this.json("attach_sae", { path: { model_id: await this.currentModel() }, fields: { source, top_k: topK } });
+  }
+
+  async listSaes() {
+    return (await this.json("list_saes", { path: { model_id: await this.currentModel() } })).data;
+  }
+
+  async detachSae(saeId) {
+    return (await this.json("detach_sae", { path: { model_id: await this.currentModel(), sae_id: saeId } })).data;
   }
 
   chatFields(messages, hooks, options, stream) {
