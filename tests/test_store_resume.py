@@ -117,14 +117,20 @@ def test_a_run_killed_after_its_first_shard_resumes_to_the_same_store(llama_chec
     assert ActivationStore.open(out).manifest["timings"]["runs"] == 2
 
 
-def test_an_interrupt_stops_cleanly_and_resumes(llama_checkpoint: Path, corpus: Path, reference, tmp_path: Path) -> None:
+def test_an_interrupt_stops_cleanly_and_resumes(llama_checkpoint: Path, llama_kit, corpus: Path, tmp_path: Path) -> None:
+    # Small shards (300 rows, about 34 of them): the interrupt comes after the first commit with
+    # nearly all the work still ahead, so a fast machine cannot finish before the signal lands.
+    small = [*OPTIONS[:-3], "300", *OPTIONS[-2:]]
+    reference = mlx_engine.extract(llama_kit, corpus, api_hooks(), tmp_path / "reference", context_size=24, batch_size=4,
+                                   shard_tokens=300, top_k=6, progress=False)
     out = tmp_path / "interrupted"
-    proc = spawn(command(llama_checkpoint, corpus, out))
+    argv = [*command(llama_checkpoint, corpus, out)[:-len(OPTIONS) - 1], *small, "--no-progress"]
+    proc = spawn(argv)
     stop_after_first_shard(proc, out, signal.SIGINT)
     stderr = proc.stderr.read()
     assert proc.returncode == 130 and "re-run the same command to resume" in stderr, stderr
     assert not ActivationStore.open(out).complete and not list(out.rglob("*.tmp"))
-    assert main(command(llama_checkpoint, corpus, out)) == 0
+    assert main(argv) == 0
     assert_same_store(ActivationStore.open(out), reference)
 
 
