@@ -256,10 +256,7 @@ def detach_sae(kit: ModelKit, which: Union[AttachedSAE, str]) -> None:
 
 
 def attached_saes(kit: ModelKit) -> list[dict[str, Any]]:
-    """The SAEs attached to a kit, as a JSON-ready listing (feature hook id, site, width, top_k)."""
-    return [
-        {"hook_id": s.hook_id, "site": s.base.hook_id, "layer": s.base.layer, "component": C.SAE_FEATURES.value,
-         "d_sae": s.d_sae, "top_k": s.top_k, "hook_name": s.hook_name,
-         "shape": ["T", s.top_k] if s.top_k else ["T", s.d_sae]}
-        for s in getattr(kit.arch_info, "saes", ())
-    ]
+    """The SAEs attached to a kit, as a JSON-ready listing (the one hook_points() shows)."""
+    from ..hooks.listing import describe_saes
+
+    return describe_saes(kit.arch_info)
