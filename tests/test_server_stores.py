@@ -2,14 +2,17 @@
 
 - The list names every store under --store-root and nothing else (a folder without a manifest,
   a symlink to a store outside the root), with its hooks and widths.
-- stats, top_examples and reverse answer what mlx_engine.analysis.neurons returns in-process on
-  the same store (compared after a JSON round trip), and independently: the means equal numpy's
-  mean of the stored rows (1e-9 relative), the top examples a brute-force sort of the column
-  (1e-6), an n-gram's best neuron the brute-force mean over its occurrences (1e-9).
+- stats, top_examples, reverse, distribution and polysemantic answer what mlx_engine.analysis.neurons
+  returns in-process on the same store (compared after a JSON round trip), and independently: the
+  means equal numpy's mean of the stored rows (1e-9 relative), the top examples a brute-force sort
+  of the column (1e-6), an n-gram's best neuron the brute-force mean over its occurrences (1e-9),
+  a neuron's histogram np.histogram of its stored column with the route's edges (exact counts; the
+  edges span the column's min and max, quartiles np.quantile's, 1e-9 relative), the polysemantic
+  ranking the order of its own scores with every example accounted for.
 - Bad input gets a 4xx with an OpenAI-style body: an unknown or path-like store id (404, never a
   file outside the root, never the root's path in a message), a hook the store lacks or a neuron
-  out of range (400), a malformed query (400); a server without --store-root lists nothing and
-  says how to set it.
+  out of range (400), a malformed query (400), a query past a work bound (400 naming the bound); a
+  server without --store-root lists nothing and says how to set it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import pytest
 import requests
 from neuroscope_server import running_server
 
+from mlx_engine.analysis.neurons.common import TokenText
 from mlx_engine.analysis.neurons.examples import top_examples
+from mlx_engine.analysis.neurons.polysemantic import polysemanticity
 from mlx_engine.analysis.neurons.reverse import neuron_ngrams, token_neurons
-from mlx_engine.analysis.neurons.stats import layer_summary, neuron_table
+from mlx_engine.analysis.neurons.stats import distribution, layer_summary, neuron_table
 from mlx_engine.store.reader import ActivationStore
 
 HOOKS = ["layers.1.residual", "layers.2.mlp_post"]
@@ -121,6 +126,67 @@ def test_reverse_queries_in_both_directions(url: str, root: Path) -> None:
     assert list(by_neuron["ngrams"]) == ["1", "2"] and same(by_neuron["ngrams"], {str(n): r for n, r in want_ngrams.items()})
 
 
+@pytest.mark.parametrize("hook, neuron, bins", [("layers.2.mlp_post", 5, 16), ("layers.1.residual", 63, None)])
+def test_distribution_is_numpys_histogram_of_the_stored_column(url: str, root: Path, hook: str, neuron: int, bins) -> None:
+    store = ActivationStore.open(root / "corpus-a")
+    params = {"hook": hook, "neuron": neuron, **({} if bins is None else {"bins": bins})}
+    answer = get(url, "/v1/stores/corpus-a/distribution", **params)
+    assert answer.status_code == 200, answer.text
+    got = answer.json()
+    column = np.asarray(store.rows(hook), np.float64)[:, neuron]
+    edges = np.asarray(got["edges"])
+    assert got["bins"] == (bins or 64) and len(edges) == got["bins"] + 1 and len(got["counts"]) == got["bins"]
+    assert got["exact"] and got["sample_rows"] == got["total_rows"] == len(column) == sum(got["counts"])
+    assert got["counts"] == np.histogram(column, bins=edges)[0].tolist()
+    assert got["range"] == [edges[0], edges[-1]] and np.allclose(got["range"], [column.min(), column.max()], rtol=1e-9, atol=0)
+    assert np.allclose([got["q1"], got["median"], got["q3"]], np.quantile(column, [0.25, 0.5, 0.75]), rtol=1e-9, atol=1e-12)
+    assert got["mean"] == pytest.approx(column.mean(), rel=1e-9) and got["std"] == pytest.approx(column.std(), rel=1e-6)
+    want = distribution(store, hook, bins=bins or 64)  # the same function in-process
+    assert same(got["edges"], want.edges[neuron].tolist()) and same(got["counts"], want.counts[neuron].tolist())
+    assert got["z_outliers"] == int(want.z_outliers[neuron]) and got["iqr_outliers"] == int(want.iqr_outliers[neuron])
+
+
+def test_polysemantic_ranking_is_the_python_functions(url: str, root: Path, llama_kit) -> None:
+    store = ActivationStore.open(root / "corpus-a")
+    hook = "layers.1.residual"
+    answer = get(url, "/v1/stores/corpus-a/polysemantic", hook=hook, top=10)
+    assert answer.status_code == 200, answer.text
+    got = answer.json()
+    text = TokenText(store, llama_kit)  # the route decodes with the loaded model that wrote the store
+    want = polysemanticity(store, hook, text=text)
+    assert got["scored"] == 64 and got["k"] == 8 and len(got["neurons"]) == 10 and same(got["neurons"], want[:10])
+    assert got["neurons"][0]["clusters"] > want[-1]["clusters"]  # the ranking separates neurons on this store
+    keys = [(-r["clusters"], -r["token_entropy"], r["neuron"]) for r in got["neurons"]]
+    assert keys == sorted(keys) and [r["rank"] for r in got["neurons"]] == list(range(10))
+    for r in got["neurons"]:
+        assert sum(c["size"] for c in r["cluster_examples"]) == r["examples"] == 8 and len(r["cluster_examples"]) == r["clusters"]
+    chosen = get(url, "/v1/stores/corpus-a/polysemantic", hook="layers.2.mlp_post", neurons="3,17,40", k=4, distance=0.3, top=2).json()
+    want = polysemanticity(store, "layers.2.mlp_post", [3, 17, 40], k=4, distance=0.3, text=text)
+    assert chosen["scored"] == 3 and chosen["k"] == 4 and same(chosen["neurons"], want[:2])
+    assert {r["neuron"] for r in want} == {3, 17, 40}
+
+
+def test_work_bounds_are_400s_naming_the_limit(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_engine.server.routes import stores
+
+    monkeypatch.setattr(stores, "MAX_HISTOGRAM_CELLS", 64 * 10)
+    answer = get(url, "/v1/stores/corpus-a/distribution", hook="layers.1.residual", neuron=0, bins=10)
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "store_query_too_large"
+    assert "at most 9 bins" in answer.json()["error"]["message"] and answer.json()["error"]["param"] == "bins"
+    monkeypatch.setattr(stores, "MAX_CLUSTERED", 100)
+    answer = get(url, "/v1/stores/corpus-a/polysemantic", hook="layers.1.residual")
+    assert answer.status_code == 400 and "64 neurons x 8 examples is more than 100" in answer.json()["error"]["message"]
+    assert get(url, "/v1/stores/corpus-a/polysemantic", hook="layers.1.residual", neurons="1,2", k=8).status_code == 200
+
+
+@pytest.mark.parametrize("endpoint", ["distribution", "polysemantic"])
+def test_the_neuron_routes_answer_unknown_stores_with_404(url: str, endpoint: str) -> None:
+    answer = get(url, f"/v1/stores/nope/{endpoint}", hook="layers.1.residual", neuron=0)
+    if endpoint == "polysemantic":
+        answer = get(url, "/v1/stores/nope/polysemantic", hook="layers.1.residual")
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "store_not_found"
+
+
 @pytest.mark.parametrize("path", ["/v1/stores/nope/stats", "/v1/stores/not-a-store/stats", "/v1/stores/linked/stats",
                                   "/v1/stores/..%2F..%2Fetc/stats", "/v1/stores/%2E%2E/stats", "/v1/stores/group/stats",
                                   "/v1/stores/%2Fetc/stats"])
@@ -141,6 +207,19 @@ def test_unknown_or_path_like_ids_are_404(url: str, root: Path, path: str) -> No
     ("reverse", {"hook": "layers.1.residual", "neuron": 1, "ngram": "#1"}, "exactly one"),
     ("reverse", {"neuron": 1}, "hook"),
     ("reverse", {"hook": "layers.1.residual", "neuron": 1, "n": 9}, "n"),
+    ("distribution", {"hook": "layers.1.residual", "neuron": 64}, "64"),
+    ("distribution", {"hook": "layers.9.residual", "neuron": 1}, "is not in the store 'corpus-a'"),
+    ("distribution", {"hook": "layers.1.residual"}, "neuron"),
+    ("distribution", {"hook": "layers.1.residual", "neuron": 1, "bins": 0}, "bins"),
+    ("distribution", {"hook": "layers.1.residual", "neuron": 1, "bins": 1025}, "bins"),
+    ("polysemantic", {}, "hook"),
+    ("polysemantic", {"hook": "layers.9.residual"}, "is not in the store 'corpus-a'"),
+    ("polysemantic", {"hook": "layers.1.residual", "neurons": "1,x"}, "neurons"),
+    ("polysemantic", {"hook": "layers.1.residual", "neurons": "1,640"}, "640"),
+    ("polysemantic", {"hook": "layers.1.residual", "top": 0}, "top"),
+    ("polysemantic", {"hook": "layers.1.residual", "k": 1}, "k"),
+    ("polysemantic", {"hook": "layers.1.residual", "distance": 0}, "distance"),
+    ("polysemantic", {"hook": "layers.1.residual", "distance": 2.5}, "distance"),
 ])
 def test_bad_queries_are_400_with_a_reason(url: str, root: Path, endpoint: str, params: dict, needle: str) -> None:
     answer = get(url, f"/v1/stores/corpus-a/{endpoint}", **params)

@@ -1,5 +1,6 @@
-"""The viewer's analysis panels in headless Chromium (Playwright): logit lens, neurons and features,
-extraction jobs, SAE steering, against a real server on the default model.
+"""The viewer's analysis panels in headless Chromium (Playwright): logit lens, neurons and features
+(with a neuron's histogram and the polysemantic ranking), extraction jobs, SAE steering, and a
+completion-mode generation, against a real server on the default model.
 
 The server has a --store-root holding a store built here with `mlx_engine.extract` over a few
 short texts; every number the page shows is compared with the same request made over HTTP
@@ -9,6 +10,7 @@ go to the pytest tmp folder (`viewer-analysis-screenshots`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +21,10 @@ import numpy as np
 import pytest
 import requests
 from neuroscope_server import running_server
-from test_viewer_browser import CHROMIUM, FLAGS, label, open_panel, wait_until
+from test_viewer_browser import CHROMIUM, FLAGS, MAX_TOKENS, by_position, check_colours, label, open_panel, run_generation, wait_until
 
+from mlx_engine import ActivationStore
+from mlx_engine.analysis.neurons.polysemantic import polysemanticity
 from mlx_engine.loading import DEFAULT_MODEL_DIR
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright (the test extra)")
@@ -103,6 +107,24 @@ def get(server: str, path: str, **params: Any) -> dict[str, Any]:
     return response.json()
 
 
+def post(server: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = requests.post(server + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def chart_option(page: Any, selector: str) -> dict[str, Any]:
+    """What ECharts draws in a chart: its title, axis names and the bars' values, from the chart itself."""
+    return page.evaluate(
+        """async (selector) => {
+            const echarts = await import("/ui/vendor/echarts/echarts.esm.min.mjs");
+            const o = echarts.getInstanceByDom(document.querySelector(selector)).getOption();
+            return { title: o.title[0].text, x: o.xAxis[0].name, y: o.yAxis[0].name, values: o.series[0].data };
+        }""",
+        selector,
+    )
+
+
 def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-12)
 
@@ -179,9 +201,6 @@ def test_neurons_panel_shows_the_stores_numbers(page: Any, server: str, store_ro
         assert [t for t, _ in tokens] == e["tokens"] and all(close(v, w) for (_, v), w in zip(tokens, e["values"]))
         assert peak == [e["tokens"][e["maxValueTokenIndex"]]]
     # The token-entropy measure of polysemanticity, against the Python API's (same k: the store keeps 8).
-    from mlx_engine import ActivationStore
-    from mlx_engine.analysis.neurons.polysemantic import polysemanticity
-
     want = polysemanticity(ActivationStore.open(store_root / "tiny-store"), hook, [neuron], k=8)[0]["token_entropy"]
     assert math.isclose(float(page.get_attribute("#neu-poly", "data-token-entropy")), want, rel_tol=1e-9, abs_tol=1e-12)
     reverse = get(server, "/v1/stores/tiny-store/reverse", hook=hook, neuron=neuron, n=3, k=5)["ngrams"]
@@ -197,10 +216,32 @@ def test_neurons_panel_shows_the_stores_numbers(page: Any, server: str, store_ro
     listed = page.eval_on_selector_all("#neu-token-neurons tr[data-neuron]", "rs => rs.map(r => [Number(r.dataset.neuron), Number(r.dataset.mean)])")
     assert [(n, round(m, 9)) for n, m in listed] == [(r["neuron"], round(r["mean"], 9)) for r in fired["hooks"][hook]["neurons"]]
     assert f"occurs {fired['count']} times" in page.text_content("#neu-token-neurons")
+    # The neuron's own histogram: the route's bins and counts, drawn with labelled axes; numpy agrees on the rows.
+    wait_until(page, f"document.querySelector('#neu-dist').dataset.neuron === '{neuron}'")
+    dist = get(server, "/v1/stores/tiny-store/distribution", hook=hook, neuron=neuron, bins=32)
+    assert page.eval_on_selector("#neu-dist", "e => [JSON.parse(e.dataset.counts), JSON.parse(e.dataset.edges)]") == [dist["counts"], dist["edges"]]
+    drawn = chart_option(page, "#neu-dist")
+    assert drawn["values"] == dist["counts"] and drawn["title"] == f"Activations of neuron {neuron} ({hook})"
+    assert drawn["x"].startswith("activation value") and drawn["y"] == "count"
+    assert drawn["title"] in page.eval_on_selector_all("#neu-dist svg text", "ts => ts.map(t => t.textContent)")
+    column = np.asarray(ActivationStore.open(store_root / "tiny-store").rows(hook), np.float64)[:, neuron]
+    assert dist["exact"] and dist["counts"] == np.histogram(column, bins=np.asarray(dist["edges"]))[0].tolist()
     page.screenshot(path=str(shots / "neurons.png"), full_page=True)
     first = listed[0][0]
     page.click(f"#neu-token-neurons tr[data-neuron='{first}'] button")
     wait_until(page, f"document.querySelector('#neu-stats').dataset.neuron === '{first}'")
+    # The polysemantic ranking: the route's rows in its order, which is the Python function's; a click opens one.
+    page.click("#neu-poly-form button[type=submit]")
+    page.wait_for_selector("#neu-poly-list tr[data-neuron]")
+    ranked = get(server, "/v1/stores/tiny-store/polysemantic", hook=hook, top=20)["neurons"]
+    rows = page.eval_on_selector_all("#neu-poly-list tr[data-neuron]", "rs => rs.map(r => [Number(r.dataset.neuron), Number(r.dataset.rank), Number(r.dataset.clusters), Number(r.dataset.tokenEntropy)])")
+    assert [(n, k, c) for n, k, c, _ in rows] == [(r["neuron"], r["rank"], r["clusters"]) for r in ranked]
+    assert all(close(e, r["token_entropy"]) for (_, _, _, e), r in zip(rows, ranked))
+    want = polysemanticity(ActivationStore.open(store_root / "tiny-store"), hook)[:20]
+    assert [r["neuron"] for r in want] == [n for n, *_ in rows]
+    other = next(n for n, *_ in rows if n != first)
+    page.click(f"#neu-poly-list tr[data-neuron='{other}'] button")
+    wait_until(page, f"document.querySelector('#neu-stats').dataset.neuron === '{other}' && document.querySelector('#neu-dist').dataset.neuron === '{other}'")
 
 
 def test_neurons_panel_says_how_to_get_stores(browser: Any, tmp_path: Path) -> None:
@@ -212,6 +253,34 @@ def test_neurons_panel_says_how_to_get_stores(browser: Any, tmp_path: Path) -> N
         wait_until(tab, "document.querySelector('#neu-note').textContent.length > 0")
         assert "--store-root DIR" in tab.text_content("#neu-note")
         context.close()
+
+
+# ----------------------------------------------------------------------------- completion mode
+
+
+def test_generate_in_completion_mode_streams_the_raw_prompts_captures(page: Any, server: str, shots: Path) -> None:
+    sent: list[Any] = []
+    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/completions/with_activations") else None)
+    page.select_option("#req-mode", "completion")
+    open_panel(page, "generate")
+    wait_until(page, "document.querySelector('#gen-layer').options.length > 0")
+    page.select_option("#gen-scalar", "norm")
+    page.select_option("#gen-layer", "2")
+    spans = run_generation(page)
+    counts = page.evaluate("window.__counts")
+    assert len({c for c in counts if c > 0}) >= 3, f"the tokens did not arrive one by one: {counts}"
+    (body,) = [json.loads(d) for d in sent]
+    assert body["stream"] is True and body["prompt"] == PROMPT and "messages" not in body
+    assert page.get_attribute("#gen-tokens", "data-path") == "/v1/completions/with_activations"
+    reference = post(server, "/v1/completions/with_activations", {
+        "model": "default", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+        "activation_hooks": [{"layer_name": 2, "component": "residual"}], "activation_format": "base64"})
+    assert [s["token"] for s in spans] == reference["prompt_tokens_text"] + reference["generated_tokens_text"]
+    n_prompt = len(reference["prompt_tokens_text"])
+    assert [s["source"] for s in spans] == ["prompt"] * n_prompt + ["generated"] * MAX_TOKENS
+    check_colours(page, spans, by_position(reference["activations"]["layers.2.residual"], lambda a, c: np.linalg.norm(a, axis=-1)))
+    assert page.text_content("#gen-content") == reference["choices"][0]["text"]
+    page.screenshot(path=str(shots / "generate-completion.png"), full_page=True)
 
 
 # ----------------------------------------------------------------------------- extraction jobs

@@ -223,14 +223,21 @@ def text_completion(shape: ResponseShape, done: Collected) -> dict[str, Any]:
     }
     if done.started.interventions is not None:
         body["interventions"] = done.started.interventions
+    if shape.with_activations:
+        body.update(done.activation_fields())
     return body
 
 
 def completion_chunks(shape: ResponseShape, events: Iterable[Any]) -> Iterator[dict[str, Any]]:
-    """The chunks of a streamed text completion; resolved interventions ride on the first one."""
+    """The chunks of a streamed text completion; resolved interventions ride on the first one.
+
+    With activations, as in a chat stream: a first chunk names the capture and the prompt's
+    tokens, every token gets a chunk with its id, text and its step's captures, and the last
+    chunk repeats the capture id.
+    """
     pending: Optional[list[dict[str, Any]]] = None
 
-    def chunk(text: str, finish: Optional[str], logprobs: Optional[dict[str, Any]]) -> dict[str, Any]:
+    def chunk(text: str, finish: Optional[str], logprobs: Optional[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         nonlocal pending
         out: dict[str, Any] = {
             "id": shape.id,
@@ -241,18 +248,25 @@ def completion_chunks(shape: ResponseShape, events: Iterable[Any]) -> Iterator[d
         }
         if pending is not None:
             out["interventions"], pending = pending, None
+        out.update(extra)
         return out
 
     offset = 0
     for event in events:
         if isinstance(event, Started):
             pending = event.interventions
+            if shape.with_activations:
+                yield chunk("", None, None, capture_id=event.capture_id, prompt_token_ids=event.prompt_token_ids,
+                            prompt_tokens_text=event.prompt_tokens_text)
         elif isinstance(event, Step):
-            if event.content or shape.logprobs:
-                yield chunk(event.content, None, _completion_logprobs([event], offset) if shape.logprobs else None)
+            if event.content or shape.logprobs or shape.with_activations:
+                extra: dict[str, Any] = {}
+                if shape.with_activations:
+                    extra = {"activations": event.activations or {}, "token_id": event.token_id, "token_text": event.token_text}
+                yield chunk(event.content, None, _completion_logprobs([event], offset) if shape.logprobs else None, **extra)
             offset += len(event.content)
         elif isinstance(event, Finished):
-            yield chunk("", event.finish_reason, None)
+            yield chunk("", event.finish_reason, None, **({"capture_id": event.capture_id} if shape.with_activations else {}))
             if shape.include_usage:
                 yield {
                     "id": shape.id,

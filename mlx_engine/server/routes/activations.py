@@ -1,4 +1,4 @@
-"""Activation capture: chat with activations, registered hooks, stored captures."""
+"""Activation capture: chat and text completions with activations, registered hooks, stored captures."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from flask import Blueprint, Response, jsonify
 
 from ..errors import APIError
 from ..openapi import operation
-from ..schemas.requests import ActivationChatRequest, HookQuery, HookRegistrationRequest
-from ..schemas.responses import CaptureListResponse, ChatCompletion, ChatCompletionChunk, HookListResponse
+from ..schemas.requests import ActivationChatRequest, ActivationCompletionRequest, HookQuery, HookRegistrationRequest
+from ..schemas.responses import (ActivationCompletion, ActivationCompletionChunk, CaptureListResponse, ChatCompletion,
+                                 ChatCompletionChunk, HookListResponse)
 from ..state import parse_body, parse_query, state
-from .common import run_chat
+from .common import capture_hooks, run_chat, run_completion
 
 bp = Blueprint("activations", __name__)
 TAGS = ("Activations",)
@@ -30,19 +31,27 @@ TAGS = ("Activations",)
 )
 def chat_with_activations() -> Response:
     req = parse_body(ActivationChatRequest)
-    model = state().registry.get(req.model)
-    if req.activation_hooks:
-        hooks = model.resolve_hooks(req.activation_hooks)
-    else:
-        hooks = model.registered_hooks()
-        if not hooks:
-            raise APIError(
-                "No activation_hooks in the request and none registered for this model; name hooks such as "
-                "[{\"layer_name\": 0, \"component\": \"residual\"}] or register them with POST /v1/activations/hooks.",
-                param="activation_hooks",
-                code="no_hooks",
-            )
-    return run_chat(req, hooks)
+    return run_chat(req, capture_hooks(req))
+
+
+@bp.post("/v1/completions/with_activations")
+@operation(
+    summary="Text completion with activations",
+    tags=TAGS,
+    request=ActivationCompletionRequest,
+    response=ActivationCompletion,
+    stream=ActivationCompletionChunk,
+    description="A text completion of the raw `prompt` (text, tokenized without a chat template, or token ids) "
+    "that also returns activations, as /v1/chat/completions/with_activations does for chat: the hooks of "
+    "`activation_hooks` (or the registered ones), `activation_format`, `interventions` (SAE features named by "
+    "`sae`), whole or streamed. OpenAI's text_completion object, plus `capture_id`, `activations` (by hook id, "
+    "in step order), `prompt_token_ids`, `prompt_tokens_text`, `generated_token_ids`, `generated_tokens_text`; "
+    "streamed, the first chunk names the capture and the prompt's tokens, and each token's chunk carries "
+    "`token_id`, `token_text` and that step's `activations`.",
+)
+def completion_with_activations() -> Response:
+    req = parse_body(ActivationCompletionRequest)
+    return run_completion(req, capture_hooks(req))
 
 
 def _hook_list(model_id: str, hooks: list[dict]) -> Response:

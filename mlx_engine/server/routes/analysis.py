@@ -27,7 +27,7 @@ from ..openapi import operation
 from ..schemas.research import (AttributionRequest, AttributionResponse, HeadScoresResponse, HeadsRequest, LogitLensRequest,
                                 LogitLensResponse, PatchingRequest, PatchingResponse)
 from ..state import parse_body, state
-from .stores import finite
+from .json_values import finite
 
 bp = Blueprint("analysis", __name__)
 TAGS = ("Analysis",)

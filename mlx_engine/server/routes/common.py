@@ -1,20 +1,24 @@
-"""What the completion routes share: turning a request into a plan, and answering whole or streamed."""
+"""What the completion routes share: the hooks a capture request names, turning a chat or text request into a
+plan, and answering whole or streamed. Chat and text completions, with activations or without, go through
+the same plan and the same answer; only the prompt and the response's OpenAI shape differ."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 from flask import Response, jsonify
 
-from ..errors import Redact, is_shutdown, to_error
+from ..errors import APIError, Redact, is_shutdown, to_error
 from ...hooks.names import ResolvedHook
 from ..intervention_sources import resolve_request_interventions
 from ..jobs import GenerationPlan
-from ..openai_format import ResponseShape, chat_chunks, chat_completion, collect, new_id
-from ..schemas.requests import ChatCompletionRequest
+from ..openai_format import (Collected, ResponseShape, chat_chunks, chat_completion, collect, completion_chunks, new_id,
+                             text_completion)
+from ..schemas.requests import (ActivationCompletionRequest, CaptureFields, ChatCompletionRequest, CompletionRequest,
+                                SamplingFields)
 from ..sse import SSE_DONE, SSE_HEADERS, ClientGone, sse_event
 from ..state import request_id, state
 
@@ -56,32 +60,76 @@ def sse_response(chunks: Iterator[dict[str, Any]], rid: str, redact: Optional[Re
     return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
-def run_chat(req: ChatCompletionRequest, hooks: Optional[list[ResolvedHook]]) -> Response:
-    """Answer a chat request, with activations when `hooks` (resolved) is not None."""
+def capture_hooks(req: Union[ChatCompletionRequest, ActivationCompletionRequest]) -> list[ResolvedHook]:
+    """The request's activation_hooks, resolved; without any, the hooks registered for its model; a 400 if neither."""
+    model = state().registry.get(req.model)
+    if req.activation_hooks:
+        return model.resolve_hooks(req.activation_hooks)
+    hooks = model.registered_hooks()
+    if not hooks:
+        raise APIError(
+            "No activation_hooks in the request and none registered for this model; name hooks such as "
+            "[{\"layer_name\": 0, \"component\": \"residual\"}] or register them with POST /v1/activations/hooks.",
+            param="activation_hooks",
+            code="no_hooks",
+        )
+    return hooks
+
+
+def _plan(req: SamplingFields, hooks: Optional[list[ResolvedHook]], max_tokens: Optional[int], top_logprobs: int,
+          **prompt: Any) -> GenerationPlan:
+    """The engine's plan for a chat (`messages=`) or text (`prompt=`) request, with captures when `hooks` is given."""
     st = state()
     model = st.registry.get(req.model)
-    plan = GenerationPlan(
+    return GenerationPlan(
         request_id=request_id(),
         model=model,
-        messages=[m.to_template() for m in req.messages],
-        max_tokens=req.requested_max_tokens or st.config.effective_default_max_tokens,
-        max_tokens_given=req.requested_max_tokens is not None,
+        **prompt,
+        max_tokens=max_tokens or st.config.effective_default_max_tokens,
+        max_tokens_given=max_tokens is not None,
         stop=req.stop_strings,
         **req.sampling,
-        top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+        top_logprobs=top_logprobs,
         hooks=hooks,
-        activation_format=req.activation_format,
+        activation_format=req.activation_format if isinstance(req, CaptureFields) else "json",
         interventions=resolve_request_interventions(req.interventions, model, st.store),
     )
+
+
+def _answer(req: SamplingFields, plan: GenerationPlan, shape: ResponseShape,
+            chunks: Callable[[ResponseShape, Iterator[Any]], Iterator[dict[str, Any]]],
+            whole: Callable[[ResponseShape, Collected], dict[str, Any]]) -> Response:
+    """Run the plan, and answer as an event stream when the request asked for one, else as one JSON object."""
+    st = state()
+    events = st.generate(plan)
+    if req.stream:
+        return sse_response(chunks(shape, events), plan.request_id, st.redact)
+    return jsonify(whole(shape, collect(events)))
+
+
+def run_chat(req: ChatCompletionRequest, hooks: Optional[list[ResolvedHook]]) -> Response:
+    """Answer a chat request, with activations when `hooks` (resolved) is not None."""
+    plan = _plan(req, hooks, req.requested_max_tokens, (req.top_logprobs or 0) if req.logprobs else 0,
+                 messages=[m.to_template() for m in req.messages])
     shape = ResponseShape(
         id=new_id("chatcmpl"),
-        model=model.model_id,
+        model=plan.model.model_id,
         logprobs=bool(req.logprobs),
         with_activations=hooks is not None,
         include_usage=req.include_usage,
         harmony=plan.harmony,
     )
-    events = st.generate(plan)
-    if req.stream:
-        return sse_response(chat_chunks(shape, events), plan.request_id, st.redact)
-    return jsonify(chat_completion(shape, collect(events)))
+    return _answer(req, plan, shape, chat_chunks, chat_completion)
+
+
+def run_completion(req: CompletionRequest, hooks: Optional[list[ResolvedHook]]) -> Response:
+    """Answer a text completion (the raw prompt, no chat template), with activations when `hooks` is not None."""
+    plan = _plan(req, hooks, req.max_tokens, req.logprobs or 0, prompt=req.prompt_value)
+    shape = ResponseShape(
+        id=new_id("cmpl"),
+        model=plan.model.model_id,
+        logprobs=req.logprobs is not None,
+        with_activations=hooks is not None,
+        include_usage=req.include_usage,
+    )
+    return _answer(req, plan, shape, completion_chunks, text_completion)

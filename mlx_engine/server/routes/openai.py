@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from ..intervention_sources import resolve_request_interventions
-from ..jobs import GenerationPlan
-from ..openai_format import ResponseShape, collect, completion_chunks, new_id, text_completion
 from ..openapi import operation
 from ..schemas.requests import ChatCompletionRequest, CompletionRequest
 from ..schemas.responses import ChatCompletion, ChatCompletionChunk, Completion, ModelList, ModelObject
-from ..state import parse_body, request_id, state
-from .common import run_chat, sse_response
+from ..state import parse_body, state
+from .common import run_chat, run_completion
 
 bp = Blueprint("openai", __name__)
 TAGS = ("OpenAI-compatible",)
@@ -55,27 +52,4 @@ def chat_completions() -> Response:
     description="OpenAI's text completion; `interventions` edit the model while it generates.",
 )
 def completions() -> Response:
-    req = parse_body(CompletionRequest)
-    st = state()
-    model = st.registry.get(req.model)
-    plan = GenerationPlan(
-        request_id=request_id(),
-        model=model,
-        prompt=req.prompt_value,
-        max_tokens=req.max_tokens or st.config.effective_default_max_tokens,
-        max_tokens_given=req.max_tokens is not None,
-        stop=req.stop_strings,
-        **req.sampling,
-        top_logprobs=req.logprobs or 0,
-        interventions=resolve_request_interventions(req.interventions, model, st.store),
-    )
-    shape = ResponseShape(
-        id=new_id("cmpl"),
-        model=model.model_id,
-        logprobs=req.logprobs is not None,
-        include_usage=req.include_usage,
-    )
-    events = st.generate(plan)
-    if req.stream:
-        return sse_response(completion_chunks(shape, events), plan.request_id, st.redact)
-    return jsonify(text_completion(shape, collect(events)))
+    return run_completion(parse_body(CompletionRequest), None)

@@ -1,49 +1,45 @@
-"""Activation stores over HTTP, read-only: the list, a hook's statistics, top examples, reverse queries.
+"""Activation stores over HTTP, read-only: the list, a hook's statistics, top examples, reverse queries,
+one neuron's histogram and the ranked polysemantic neurons.
 
 Only stores under the server's --store-root are listed or opened. A store's id is its folder
 relative to that root ('run-3', 'corpus/a'), never a filesystem path: an id that is absolute,
 holds '..', or resolves (symlinks followed) outside the root is answered like a missing store,
 so the answer says nothing about what lies outside. Results are those of the Python functions
 (mlx_engine.analysis.neurons): examples in Neuronpedia's format (`tokens`, `values`,
-`maxValue`, `maxValueTokenIndex`). Reads need only numpy, so they run on the request thread.
+`maxValue`, `maxValueTokenIndex`). Reads need only numpy (and scikit-learn's clustering for the
+polysemantic ranking), so they run on the request thread; the work one request may ask for is
+bounded before anything runs (histogram cells, examples clustered), beyond that a 400 names the limit.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 from flask import Blueprint, Response, jsonify, request
 
-from ...analysis.neurons.common import NeuronError, TokenText
+from ...analysis.neurons.common import NeuronError, TokenText, check_hooks, check_neurons
 from ...analysis.neurons.examples import top_examples
+from ...analysis.neurons.polysemantic import polysemanticity
 from ...analysis.neurons.reverse import neuron_ngrams, token_neurons
-from ...analysis.neurons.stats import layer_summary, neuron_table
+from ...analysis.neurons.stats import distribution, layer_summary, neuron_table
 from ...store.errors import StoreError
 from ...store.manifest import MANIFEST
 from ...store.reader import ActivationStore
 from ..errors import APIError
 from ..openapi import operation
-from ..schemas.research import (LaxQuery, ReverseQuery, ReverseResponse, StoreList, StoreStatsQuery, StoreStatsResponse,
-                                TopExamplesQuery, TopExamplesResponse)
+from ..schemas.research import (MAX_POLY_NEURONS, DistributionQuery, DistributionResponse, LaxQuery, PolysemanticQuery,
+                                PolysemanticResponse, ReverseQuery, ReverseResponse, StoreList, StoreStatsQuery,
+                                StoreStatsResponse, TopExamplesQuery, TopExamplesResponse)
 from ..state import state
+from .json_values import finite
 
 bp = Blueprint("stores", __name__)
 TAGS = ("Stores",)
 LIST_DEPTH = 3  # folders below the root searched for stores
 STORE_PATH = {"store_id": "A store id from GET /v1/stores (its folder relative to the server's --store-root)."}
-
-
-def finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: such numbers (the skewness of a constant neuron) become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
+MAX_HISTOGRAM_CELLS = 1 << 24  # width x (bins + 1): distribution() bins every neuron of the hook
+MAX_CLUSTERED = 1 << 16  # neurons scored x examples per neuron, in one polysemantic request
 
 
 def _root() -> Path:
@@ -200,3 +196,73 @@ def reverse(store_id: str) -> Response:
         raise _bad(exc, "ngram" if query.ngram is not None else "hook", store, store_id) from None
     ngrams = {str(n): rows for n, rows in table[query.neuron].items()}
     return jsonify({"object": "store.reverse", "store": store_id, "hook": query.hook, "neuron": query.neuron, "ngrams": finite(ngrams)})
+
+
+def _limit(message: str, param: str) -> APIError:
+    return APIError(message, param=param, code="store_query_too_large")
+
+
+@bp.get("/v1/stores/<path:store_id>/distribution")
+@operation(summary="One neuron's histogram over the store's rows", tags=TAGS, query=DistributionQuery,
+           response=DistributionResponse, path_params=STORE_PATH,
+           description="mlx_engine.analysis.neurons.distribution(store, hook, bins=bins) read at `neuron`: `edges` "
+           "(bins + 1 equal bins between the neuron's online min and max, so every row falls inside), `counts` "
+           "(np.histogram of the sampled rows), `range`, the quartiles `q1`, `median`, `q3` (np.quantile, linear), "
+           "`z_outliers` and `iqr_outliers` (counts), `saturation`, `sample_rows` of `total_rows` (every row unless "
+           "the hook's rows exceed the function's sample bound; `exact` says which), and the online `min`, `max`, "
+           f"`mean`, `std`. At most {MAX_HISTOGRAM_CELLS} histogram cells (width x (bins + 1)) per request.")
+def neuron_distribution(store_id: str) -> Response:
+    query = _query(DistributionQuery)
+    store = open_store(store_id)
+    try:
+        column = int(check_neurons(store, query.hook, query.neuron)[0])
+        width = store.hook_info(query.hook)["width"]
+        if width * (query.bins + 1) > MAX_HISTOGRAM_CELLS:
+            raise _limit(f"{query.bins} bins over the {width} neurons of {query.hook} is more than {MAX_HISTOGRAM_CELLS} "
+                         f"histogram cells; ask for at most {MAX_HISTOGRAM_CELLS // width - 1} bins.", "bins")
+        dist = distribution(store, query.hook, bins=query.bins)
+        online = store.stats(query.hook)
+    except (NeuronError, StoreError) as exc:
+        raise _bad(exc, "neuron" if "neuron" in str(exc) else "hook", store, store_id) from None
+    edges = dist.edges[column]
+    return jsonify(finite({
+        "object": "store.distribution", "store": store_id, "hook": query.hook, "layer": dist.layer, "neuron": column,
+        "bins": query.bins, "edges": edges.tolist(), "counts": dist.counts[column].tolist(),
+        "range": [float(edges[0]), float(edges[-1])], "q1": float(dist.quartiles[0, column]),
+        "median": float(dist.quartiles[1, column]), "q3": float(dist.quartiles[2, column]),
+        "z_outliers": int(dist.z_outliers[column]), "iqr_outliers": int(dist.iqr_outliers[column]),
+        "saturation": float(dist.saturation[column]), "saturated": bool(dist.saturated[column]), "rule": dist.rule,
+        "sample_rows": dist.sample_rows, "total_rows": dist.total_rows, "exact": dist.sample_rows == dist.total_rows,
+        "min": float(online.minimum[column]), "max": float(online.maximum[column]),
+        "mean": float(online.mean[column]), "std": float(online.std[column]),
+    }))
+
+
+@bp.get("/v1/stores/<path:store_id>/polysemantic")
+@operation(summary="Neurons ranked by polysemanticity: how many kinds of context their top examples fall into", tags=TAGS,
+           query=PolysemanticQuery, response=PolysemanticResponse, path_params=STORE_PATH,
+           description="mlx_engine.analysis.neurons.polysemanticity(store, hook, neurons, k, distance): each neuron's "
+           "top-k examples clustered by their rows' cosine distance (average linkage, cut at `distance`), ranked by "
+           "`clusters`, then `token_entropy`; each row has `neuron`, `rank`, `clusters`, `token_entropy`, "
+           "`distinct_tokens`, `examples` and `cluster_examples` (per cluster its size and examples). `scored` "
+           f"neurons are ranked, the first `top` returned. At most {MAX_POLY_NEURONS} named neurons and "
+           f"{MAX_CLUSTERED} examples clustered (neurons x k) per request.")
+def polysemantic(store_id: str) -> Response:
+    query = _query(PolysemanticQuery)
+    neurons = query.neuron_list()
+    if neurons is not None and len(neurons) > MAX_POLY_NEURONS:
+        raise _limit(f"{len(neurons)} neurons named; at most {MAX_POLY_NEURONS} per request.", "neurons")
+    store = open_store(store_id)
+    try:
+        check_hooks(store, query.hook)
+        stats = store.stats(query.hook)
+        scored = stats.width if neurons is None else len(neurons)
+        k = stats.k if query.k is None else min(query.k, stats.k)
+        if scored * k > MAX_CLUSTERED:
+            raise _limit(f"{scored} neurons x {k} examples is more than {MAX_CLUSTERED} examples to cluster; name fewer "
+                         f"neurons (neurons=3,17,...) or lower k.", "neurons" if query.k is None else "k")
+        ranked = polysemanticity(store, query.hook, neurons, query.k, query.distance, TokenText(store, _loaded_kit(store)))
+    except (NeuronError, StoreError) as exc:
+        raise _bad(exc, "neurons" if "neuron" in str(exc) else "hook", store, store_id) from None
+    return jsonify({"object": "store.polysemantic", "store": store_id, "hook": query.hook, "k": k, "distance": query.distance,
+                    "scored": len(ranked), "neurons": finite(ranked[:query.top])})

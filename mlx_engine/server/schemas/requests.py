@@ -133,7 +133,14 @@ class SamplingFields(StrictModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(SamplingFields):
+class CaptureFields(StrictModel):
+    """What asks for activations, the same in chat and text requests: the hooks, and how captures are encoded."""
+
+    activation_hooks: Optional[HookList_] = None
+    activation_format: ActivationFormat = "json"
+
+
+class ChatCompletionRequest(CaptureFields, SamplingFields):
     """POST /v1/chat/completions. `activation_hooks` may ride along (the SDK's extra_body)."""
 
     model_config = ConfigDict(
@@ -158,8 +165,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[PositiveInt] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
-    activation_hooks: Optional[HookList_] = None
-    activation_format: ActivationFormat = "json"
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -228,6 +233,20 @@ class CompletionRequest(SamplingFields):
         """The one prompt, unwrapped from a one-element batch."""
         p: Any = self.prompt
         return p[0] if isinstance(p, list) and isinstance(p[0], (str, list)) else p
+
+
+class ActivationCompletionRequest(CaptureFields, CompletionRequest):
+    """POST /v1/completions/with_activations: a raw prompt (no chat template) with activations; without
+    hooks, the registered ones are used."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"prompt": "The cat sat on the", "max_tokens": 4, "activation_hooks": [{"layer_name": 0, "component": "residual"}]},
+                {"prompt": [1, 2, 3], "activation_hooks": ["blocks.0.attn.hook_pattern"], "activation_format": "base64", "stream": True},
+            ]
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- steering vectors

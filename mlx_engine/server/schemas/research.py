@@ -18,6 +18,9 @@ MAX_TOP_K = 100
 MAX_EXAMPLES = 100
 MAX_CONTEXT = 64
 MAX_NGRAM = 8
+MAX_BINS = 1024
+MAX_POLY_TOP = 500
+MAX_POLY_NEURONS = 4096  # neurons named in one polysemantic request
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(min_length=1, max_length=1 << 16)]
 Prompt = Union[Annotated[str, Field(min_length=1, max_length=1 << 20)], TokenIds]
 Token = Union[Annotated[int, Field(ge=0, le=2**31)], Annotated[str, Field(min_length=1, max_length=200)]]
@@ -51,6 +54,25 @@ class ReverseQuery(LaxQuery):
     n: int = Field(default=3, ge=1, le=MAX_NGRAM, description="neuron -> n-grams: n-grams of 1..n tokens.")
     k: int = Field(default=10, ge=1, le=MAX_TOP_K, description="Entries per ranking.")
     min_count: int = Field(default=2, ge=1, le=1 << 20, description="neuron -> n-grams: occurrences an n-gram (n > 1) needs.")
+
+
+class DistributionQuery(LaxQuery):
+    hook: HookName = Field(description="A hook id the store holds.")
+    neuron: int = Field(ge=0, le=2**31, description="The neuron (column) of the hook.")
+    bins: int = Field(default=64, ge=1, le=MAX_BINS, description="Equal bins between the neuron's online min and max.")
+
+
+class PolysemanticQuery(LaxQuery):
+    hook: HookName = Field(description="A hook id the store holds.")
+    top: int = Field(default=20, ge=1, le=MAX_POLY_TOP, description="Ranked neurons returned (the ranking covers all scored).")
+    neurons: Optional[Annotated[str, Field(min_length=1, max_length=8 * MAX_POLY_NEURONS, pattern=r"^[0-9]+(,[0-9]+)*$")]] = Field(
+        default=None, description=f"Neurons to score, as '3,17,40' (at most {MAX_POLY_NEURONS}); default every neuron of the hook.")
+    k: Optional[int] = Field(default=None, ge=2, le=MAX_EXAMPLES, description="Top examples clustered per neuron (default: all the store kept).")
+    distance: float = Field(default=0.5, gt=0.0, le=2.0, description="The cosine distance at which clusters stop merging.")
+
+    def neuron_list(self) -> Optional[list[int]]:
+        """The `neurons` asked for, in order, as integers (None: every neuron)."""
+        return None if self.neurons is None else [int(n) for n in self.neurons.split(",")]
 
 
 class LogitLensRequest(StrictModel):
@@ -137,6 +159,28 @@ class ReverseResponse(Open):
     count: Optional[int] = Field(default=None, description="n-gram -> neurons: the n-gram's occurrences.")
     hooks: Optional[dict[str, Any]] = Field(default=None, description="n-gram -> neurons: per hook, the neurons ranked.")
     ngrams: Optional[dict[str, list[dict[str, Any]]]] = Field(default=None, description="neuron -> n-grams: per length.")
+
+
+class DistributionResponse(Open):
+    store: str
+    hook: str
+    neuron: int
+    edges: list[float] = Field(description="bins + 1 bin edges, between the neuron's online min and max.")
+    counts: list[int] = Field(description="np.histogram counts of the sampled rows in each bin.")
+    range: list[float] = Field(description="[first edge, last edge].")
+    q1: Optional[float]
+    median: Optional[float]
+    q3: Optional[float]
+    sample_rows: int = Field(description="Rows the histogram counts (every row when the store is small enough).")
+    total_rows: int
+
+
+class PolysemanticResponse(Open):
+    store: str
+    hook: str
+    scored: int = Field(description="Neurons scored and ranked; `neurons` holds the first `top` of them.")
+    neurons: list[dict[str, Any]] = Field(description="polysemanticity(...) rows in rank order: clusters, token_entropy, "
+                                          "distinct_tokens, examples, rank, cluster_examples.")
 
 
 class LogitLensResponse(Open):

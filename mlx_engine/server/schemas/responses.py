@@ -194,6 +194,21 @@ class Completion(BaseModel):
     interventions: Optional[list[AppliedIntervention]] = None
 
 
+class ActivationCompletion(Completion, ActivationExtras):
+    """A text completion with activations: OpenAI's object plus the capture fields of a chat answer."""
+
+
+class ActivationCompletionChunk(Completion):
+    """One SSE event of a streamed text completion with activations: each step's captures ride on its token's chunk."""
+
+    capture_id: Optional[str] = None
+    activations: Optional[Activations] = None
+    token_id: Optional[int] = None
+    token_text: Optional[str] = None
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_tokens_text: Optional[list[str]] = None
+
+
 class EncodedVector(BaseModel):
     shape: list[int]
     dtype: str

@@ -3,8 +3,10 @@
  * or completion (the raw prompt), with the sampling settings. One form above the panels, so
  * the Generate, Layers, Attention and Steer views all look at the same generation.
  *
- * The server captures activations on chat requests (/v1/chat/completions/with_activations);
- * /v1/completions returns text and log-probabilities only, which the panels say where it matters.
+ * Both modes capture activations: /v1/chat/completions/with_activations for chat,
+ * /v1/completions/with_activations for a raw prompt, with the same capture fields in the answer
+ * (`activations`, `prompt_tokens_text`, `generated_tokens_text`, `capture_id`), so a panel asks
+ * `activationRequest` for the path and body of the chosen mode and reads either answer alike.
  */
 
 const TEMPLATE = `
@@ -51,5 +53,12 @@ export class RequestForm {
   /** A text-completion request body for `model`, plus `extra`. */
   completionBody(model, extra = {}) {
     return { model, prompt: this.prompt.value, ...this.sampling(), ...extra };
+  }
+
+  /** The with-activations request of the chosen mode: `{ path, body }`, `extra` (hooks, format, ...) in the body. */
+  activationRequest(model, extra = {}) {
+    return this.isChat
+      ? { path: "/v1/chat/completions/with_activations", body: this.chatBody(model, extra) }
+      : { path: "/v1/completions/with_activations", body: this.completionBody(model, extra) };
   }
 }

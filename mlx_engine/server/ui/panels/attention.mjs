@@ -51,13 +51,13 @@ class AttentionView {
 
   async run() {
     const ctx = this.ctx;
-    if (!ctx.request.isChat) return say(this.q("#attn-note"), "Activations come with chat requests only on this server: choose chat mode above.", true);
     try {
       const listing = await ctx.listing();
       const layer = Number(this.q("#attn-layer").value);
       ctx.status(`Running the request with layer ${layer}'s attention pattern…`);
       const hooks = [{ layer_name: layer, component: "attention_pattern" }];
-      const body = await ctx.api.post("/v1/chat/completions/with_activations", ctx.request.chatBody(ctx.model, { activation_hooks: hooks, activation_format: "base64" }));
+      const request = ctx.request.activationRequest(ctx.model, { activation_hooks: hooks, activation_format: "base64" });
+      const body = await ctx.api.post(request.path, request.body);
       const captures = mergeCaptures({}, decodeActivations(body.activations))[`layers.${layer}.attention_pattern`] || [];
       const info = listing.layers[layer];
       this.result = { layer, info, captures, ...sequence(body), capture: body.capture_id };

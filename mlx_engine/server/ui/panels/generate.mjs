@@ -7,6 +7,11 @@
  *
  * A token's activations arrive with the next token (the pass that chose it), so the newest
  * token waits one step for its colour and the last one never gets any.
+ *
+ * The request's mode chooses the route: chat streams /v1/chat/completions/with_activations,
+ * completion (the raw prompt) /v1/completions/with_activations. Both streams carry the prompt's
+ * tokens first and then one chunk per token with its captures; only where the text and the
+ * log-probability sit in a chunk differs (MODES).
  */
 
 import { decodeActivations, describeError } from "../api.mjs";
@@ -16,6 +21,27 @@ import { el, featureCount, fillSelect, layerOptions, layersOffering, say } from 
 import { inline, label } from "../tokens.mjs";
 
 const NEURON_COMPONENTS = ["residual", "mlp_post", "expert_post"];
+
+/** How each mode's stream chunk holds its text, reasoning and log-probability. */
+const MODES = {
+  chat: {
+    body: (request, model, spec, extra) => request.chatBody(model, { ...extra, logprobs: Boolean(spec.logprob) }),
+    read(chunk) {
+      const choice = (chunk.choices && chunk.choices[0]) || {};
+      const delta = choice.delta || {};
+      const lp = choice.logprobs && choice.logprobs.content && choice.logprobs.content[0];
+      return { content: delta.content || "", reasoning: delta.reasoning_content || "", logprob: lp ? lp.logprob : null, structure: !delta.content && !delta.reasoning_content };
+    },
+  },
+  completion: {
+    body: (request, model, spec, extra) => request.completionBody(model, spec.logprob ? { ...extra, logprobs: 0 } : extra),
+    read(chunk) {
+      const choice = (chunk.choices && chunk.choices[0]) || {};
+      const lp = choice.logprobs && choice.logprobs.token_logprobs;
+      return { content: choice.text || "", reasoning: "", logprob: lp && lp.length ? lp[0] : null, structure: false };
+    },
+  },
+};
 const TEMPLATE = `
 <h2>Generate</h2>
 <div class="controls">
@@ -61,9 +87,7 @@ class GenerateView {
   async refreshControls() {
     const scalar = this.q("#gen-scalar");
     const chat = this.ctx.request.isChat;
-    for (const option of scalar.options) option.disabled = !chat && option.value !== "logprob";
-    if (!chat) scalar.value = "logprob";
-    say(this.q("#gen-note"), chat ? "" : "Completion requests carry no activations on this server, so tokens are coloured by log-probability.");
+    say(this.q("#gen-note"), chat ? "Chat mode: the prompt goes through the model's chat template." : "Completion mode: the raw prompt, no chat template.");
     let listing;
     try {
       listing = await this.ctx.listing();
@@ -167,8 +191,7 @@ class GenerateView {
     this.q("#gen-stop").disabled = false;
     ctx.status("Generating…");
     try {
-      if (ctx.request.isChat) await this.streamChat(spec);
-      else await this.streamCompletion();
+      await this.stream(spec);
       const last = this.spans[this.spans.length - 1];
       if (last && last.dataset.source === "generated" && spec.read) this.setValue(this.spans.length - 1, null, "the last token is never fed back through the model");
       this.tokens.dataset.state = "done";
@@ -183,31 +206,30 @@ class GenerateView {
     }
   }
 
-  async streamChat(spec) {
-    const body = this.ctx.request.chatBody(this.ctx.model, {
-      activation_hooks: [spec.hook],
-      activation_format: spec.format || "base64",
-      logprobs: Boolean(spec.logprob),
-    });
+  /** Stream the request of the chosen mode with the scalar's hook, colouring each token as its captures arrive. */
+  async stream(spec) {
+    const request = this.ctx.request;
+    const mode = MODES[request.isChat ? "chat" : "completion"];
+    const { path } = request.activationRequest(this.ctx.model);
+    const body = mode.body(request, this.ctx.model, spec, { activation_hooks: [spec.hook], activation_format: spec.format || "base64" });
+    this.tokens.dataset.mode = request.isChat ? "chat" : "completion";
+    this.tokens.dataset.path = path;
     const content = this.q("#gen-content");
     const reasoning = this.q("#gen-reasoning");
-    for await (const chunk of this.ctx.api.stream("/v1/chat/completions/with_activations", body, this.controller.signal)) {
+    for await (const chunk of this.ctx.api.stream(path, body, this.controller.signal)) {
       if (chunk.prompt_tokens_text) {
         chunk.prompt_tokens_text.forEach((t) => this.addToken(t, "prompt"));
         this.tokens.append(el("span", { class: "boundary", role: "separator", "aria-label": "generation starts here" }));
         this.tokens.dataset.boundary = String(this.spans.length);
       }
-      const delta = (chunk.choices && chunk.choices[0] && chunk.choices[0].delta) || {};
+      const part = mode.read(chunk);
       if (chunk.token_text !== undefined && chunk.token_text !== null) {
-        const kind = delta.reasoning_content ? "reasoning" : delta.content ? "" : "structure";
+        const kind = part.reasoning ? "reasoning" : part.structure ? "structure" : "";
         const span = this.addToken(chunk.token_text, "generated", kind);
-        if (spec.logprob) {
-          const lp = chunk.choices[0].logprobs;
-          this.setValue(span.dataset.position | 0, lp ? lp.content[0].logprob : null, "the server reports log-probabilities for the final channel only");
-        }
+        if (spec.logprob) this.setValue(span.dataset.position | 0, part.logprob, "the server reports log-probabilities for the final channel only");
       }
-      content.textContent += delta.content || "";
-      reasoning.textContent += delta.reasoning_content || "";
+      content.textContent += part.content;
+      reasoning.textContent += part.reasoning;
       if (spec.read && chunk.activations) {
         for (const captures of Object.values(decodeActivations(chunk.activations))) {
           for (const capture of captures) {
@@ -215,26 +237,6 @@ class GenerateView {
           }
         }
       }
-      this.recolor();
-    }
-  }
-
-  async streamCompletion() {
-    const body = this.ctx.request.completionBody(this.ctx.model, { logprobs: 1 });
-    this.tokens.append(el("span", { class: "prompt-text", dataset: { source: "prompt" } }, this.ctx.request.prompt.value));
-    this.tokens.append(el("span", { class: "boundary", role: "separator", "aria-label": "generation starts here" }));
-    const content = this.q("#gen-content");
-    for await (const chunk of this.ctx.api.stream("/v1/completions", body, this.controller.signal)) {
-      const choice = (chunk.choices || [])[0];
-      if (!choice) continue;
-      const lp = choice.logprobs;
-      if (lp) {
-        lp.tokens.forEach((token, i) => {
-          const span = this.addToken(token, "generated");
-          this.setValue(span.dataset.position | 0, lp.token_logprobs[i]);
-        });
-      }
-      content.textContent += choice.text || "";
       this.recolor();
     }
   }

@@ -38,13 +38,13 @@ class LayersView {
 
   async run() {
     const ctx = this.ctx;
-    if (!ctx.request.isChat) return say(this.q("#layers-note"), "Activations come with chat requests only on this server: choose chat mode above.", true);
     try {
       const listing = await ctx.listing();
       const layers = layersOffering(listing, "residual");
       const hooks = layers.map((i) => ({ layer_name: i, component: "residual" }));
       ctx.status("Running the request with every layer's residual stream…");
-      const body = await ctx.api.post("/v1/chat/completions/with_activations", ctx.request.chatBody(ctx.model, { activation_hooks: hooks, activation_format: "base64" }));
+      const request = ctx.request.activationRequest(ctx.model, { activation_hooks: hooks, activation_format: "base64" });
+      const body = await ctx.api.post(request.path, request.body);
       const captures = mergeCaptures({}, decodeActivations(body.activations));
       const { tokens, boundary } = sequence(body);
       const norms = layers.map((i) => {

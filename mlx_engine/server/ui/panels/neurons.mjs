@@ -1,10 +1,12 @@
 /**
  * Neurons and features: one neuron (or SAE feature) of an activation store under the server's
  * --store-root. Its online statistics and its layer's summary (GET /v1/stores/{id}/stats),
- * a histogram of the layer's neurons with this one marked, its top-activating examples with
- * every token shaded by its value (…/top_examples, Neuronpedia's fields), the n-grams that
- * fire it and the neurons a typed token or n-gram fires (…/reverse), and the layer's dead
- * neurons. Search is by hook (a layer and component the store holds) and index.
+ * a histogram of the layer's neurons with this one marked, the histogram of its own activations
+ * over the store's rows (…/distribution), its top-activating examples with every token shaded
+ * by its value (…/top_examples, Neuronpedia's fields), the n-grams that fire it and the neurons a
+ * typed token or n-gram fires (…/reverse), the layer's dead neurons, and the hook's neurons
+ * ranked by polysemanticity (…/polysemantic; a click opens one). Search is by hook (a layer and
+ * component the store holds) and index.
  */
 
 import { describeError } from "../api.mjs";
@@ -32,6 +34,10 @@ const TEMPLATE = `
   <div><label>Histogram of <select id="neu-hist-stat"></select> over the hook's neurons</label>
     <div id="neu-hist" class="chart short" role="img" aria-label="Histogram over the hook's neurons"></div></div>
 </div>
+<h3>Its activations over the store</h3>
+<div class="controls"><label>Bins <input id="neu-bins" type="number" min="1" max="1024" value="32"></label></div>
+<div id="neu-dist" class="chart short" role="img" aria-label="Histogram of the neuron's activation values over the store's rows"></div>
+<p id="neu-dist-note" class="muted"></p>
 <h3>Top-activating examples</h3>
 <p class="muted">Each token shaded by its value over these examples' largest (orange above zero, blue below); the peak is outlined; hover for the value.</p>
 <ol id="neu-examples" class="examples"></ol>
@@ -46,7 +52,14 @@ const TEMPLATE = `
 </div>
 <h3>Dead and polysemantic</h3>
 <div class="controls"><label>Dead neurons <select id="neu-dead"></select></label></div>
-<p id="neu-poly" class="muted"></p>`;
+<p id="neu-poly" class="muted"></p>
+<form id="neu-poly-form" class="controls" autocomplete="off">
+  <label>Rank the <input id="neu-poly-top" type="number" min="1" max="500" value="20"> most polysemantic</label>
+  <label>of the neurons <input id="neu-poly-neurons" type="text" size="14" placeholder="all, or 3,17,40"></label>
+  <button type="submit" class="secondary">Rank</button>
+</form>
+<p id="neu-poly-note" class="muted" aria-live="polite"></p>
+<div id="neu-poly-list"></div>`;
 
 /** An n-gram's token strings (a list) as one label, tokens separated by a middle dot. */
 function gram(text) {
@@ -85,6 +98,12 @@ class NeuronsView {
       event.preventDefault();
       this.tokenNeurons();
     });
+    this.q("#neu-bins").addEventListener("change", () => this.shown !== null && this.distribution(this.shown).catch((error) => say(this.q("#neu-dist-note"), describeError(error), true)));
+    this.q("#neu-poly-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.polysemantic();
+    });
+    this.shown = null; // the neuron whose details are drawn
   }
 
   show() {
@@ -148,9 +167,11 @@ class NeuronsView {
       if (!row) throw new Error(`${this.hook()} has neurons 0..${this.stats.neurons.length - 1}, not ${neuron}`);
       this.drawNeuron(row);
       this.drawHistogram();
+      this.shown = neuron;
       const [examples, reverse] = await Promise.all([
         ctx.api.get(`${this.base()}/top_examples?${this.query({ neuron, k })}`),
         ctx.api.get(`${this.base()}/reverse?${this.query({ neuron, n: 3, k: 5 })}`),
+        this.distribution(neuron),
       ]);
       this.drawExamples(examples.examples);
       this.drawNgrams(reverse.ngrams);
@@ -203,6 +224,54 @@ class NeuronsView {
     });
   }
 
+  /** The neuron's own histogram: counts of its activation values over the store's rows, in equal bins (…/distribution). */
+  async distribution(neuron) {
+    const bins = Math.min(1024, Math.max(1, Number.parseInt(this.q("#neu-bins").value, 10) || 32));
+    const hook = this.hook();
+    const d = await this.ctx.api.get(`${this.base()}/distribution?${this.query({ neuron, bins })}`);
+    const centres = d.counts.map((_, i) => (d.edges[i] + d.edges[i + 1]) / 2);
+    const chart = this.q("#neu-dist");
+    const unit = this.q("#neu-unit").textContent.toLowerCase();
+    const title = `Activations of ${unit} ${neuron} (${hook})`;
+    Object.assign(chart.dataset, { hook, neuron: String(neuron), title, counts: JSON.stringify(d.counts), edges: JSON.stringify(d.edges) });
+    bars(chart, {
+      title,
+      labels: centres.map((c) => fmt(c)),
+      values: d.counts,
+      xName: "activation value (bin centre)",
+      yName: "count",
+      tooltip: (i, v) => `${fmt(d.edges[i])} to ${fmt(d.edges[i + 1])}: ${v} rows`,
+    });
+    say(this.q("#neu-dist-note"), `${d.sample_rows} of ${d.total_rows} rows${d.exact ? " (all of them)" : " (an even sample)"} in ${d.bins} bins ` +
+      `from ${fmt(d.range[0])} to ${fmt(d.range[1])}; quartiles ${fmt(d.q1)}, ${fmt(d.median)}, ${fmt(d.q3)}; ` +
+      `${d.z_outliers} z-score and ${d.iqr_outliers} IQR outliers.`);
+  }
+
+  /** The hook's neurons ranked by how many kinds of context their top examples fall into (…/polysemantic). */
+  async polysemantic() {
+    const note = this.q("#neu-poly-note");
+    const out = this.q("#neu-poly-list");
+    if (!this.hook()) return say(note, "Choose a store and a hook first.", true);
+    const top = Math.min(500, Math.max(1, Number.parseInt(this.q("#neu-poly-top").value, 10) || 20));
+    const neurons = this.q("#neu-poly-neurons").value.replace(/\s+/g, "");
+    try {
+      say(note, `Clustering the top examples of ${neurons ? "the chosen" : "every"} neuron of ${this.hook()}…`);
+      const answer = await this.ctx.api.get(`${this.base()}/polysemantic?${this.query(neurons ? { top, neurons } : { top })}`);
+      const rows = answer.neurons.map((r) => {
+        const go = el("button", { type: "button", class: "secondary", text: `neuron ${r.neuron}` });
+        go.addEventListener("click", () => this.pick(r.neuron));
+        return el("tr", { dataset: { neuron: String(r.neuron), rank: String(r.rank), clusters: String(r.clusters), tokenEntropy: String(r.token_entropy) } },
+          el("td", { class: "num", text: String(r.rank + 1) }), el("td", {}, go), el("td", { class: "num", text: String(r.clusters) }),
+          el("td", { class: "num", text: fmt(r.token_entropy) }), el("td", { class: "num", text: String(r.distinct_tokens) }), el("td", { class: "num", text: String(r.examples) }));
+      });
+      out.replaceChildren(table(["rank", "neuron", "context clusters", "token entropy", "distinct tokens", "examples"], rows, { dataset: { hook: answer.hook } }));
+      say(note, `${answer.scored} neurons scored (their top ${answer.k} examples clustered at cosine distance ${fmt(answer.distance)}); the first ${rows.length} by clusters, then token entropy. Click one to open it.`);
+    } catch (error) {
+      out.replaceChildren();
+      say(note, describeError(error), true);
+    }
+  }
+
   /** The token-entropy measure of polysemanticity (analysis/neurons/polysemantic.py) over the examples' peak tokens. */
   drawPolysemanticity(examples) {
     const counts = new Map();
@@ -214,8 +283,8 @@ class NeuronsView {
     const out = this.q("#neu-poly");
     out.dataset.tokenEntropy = String(entropy);
     say(out, `Its ${n} top examples peak on ${counts.size} distinct token(s): normalised token entropy ${fmt(entropy)} ` +
-      "(0: always the same token, 1: all different; high values suggest a polysemantic neuron). The clusters of its contexts " +
-      "and a ranked list of polysemantic neurons are not served over HTTP: “mlx-engine analyze neurons” writes them.");
+      "(0: always the same token, 1: all different; high values suggest a polysemantic neuron). “Rank” below clusters the " +
+      "contexts of the hook's neurons and ranks them.");
   }
 
   drawExamples(examples) {

@@ -250,27 +250,23 @@ class SteerView {
     }
     try {
       const intervention = this.intervention();
-      const chat = ctx.request.isChat;
       const hook = { layer_name: Number(this.q("#steer-compare-layer").value), component: this.q("#steer-compare-component").value };
-      const bodies = chat
-        ? {
-            unsteered: ctx.request.chatBody(ctx.model, { activation_hooks: [hook], activation_format: "base64" }),
-            steered: ctx.request.chatBody(ctx.model, { activation_hooks: [hook], activation_format: "base64", interventions: [intervention] }),
-          }
-        : { unsteered: ctx.request.completionBody(ctx.model), steered: ctx.request.completionBody(ctx.model, { interventions: [intervention] }) };
-      const path = chat ? "/v1/chat/completions/with_activations" : "/v1/completions";
+      const capture = { activation_hooks: [hook], activation_format: "base64" };
+      const requests = {
+        unsteered: ctx.request.activationRequest(ctx.model, capture),
+        steered: ctx.request.activationRequest(ctx.model, { ...capture, interventions: [intervention] }),
+      };
       const results = {};
       for (const name of ["unsteered", "steered"]) {
         ctx.status(`Running the ${name} request…`);
         outs[name].textContent = "…";
-        results[name] = await ctx.api.post(path, bodies[name]);
-        const tokens = chat ? results[name].generated_tokens_text : null;
-        outs[name].textContent = chat ? tokens.join("") : results[name].choices[0].text;
+        results[name] = await ctx.api.post(requests[name].path, requests[name].body);
+        const tokens = results[name].generated_tokens_text;
+        outs[name].textContent = tokens.join("");
         outs[name].dataset.tokens = JSON.stringify(tokens);
-        outs[name].dataset.request = JSON.stringify(bodies[name]);
+        outs[name].dataset.request = JSON.stringify(requests[name].body);
       }
-      if (chat) this.drawDifference(results, `layers.${hook.layer_name}.${hook.component}`);
-      else say(this.q("#steer-note"), "Completion requests carry no activations on this server: no difference to draw.");
+      this.drawDifference(results, `layers.${hook.layer_name}.${hook.component}`);
       ctx.status("Both runs done.");
     } catch (error) {
       ctx.status(describeError(error), true);
