@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
-from neuroscope_server import running_server
+from neuroscope_server import STORE, STORE_HOOK, research_roots, running_server
 
 from mlx_engine.integrations.neuroscope.client import ActivationResult, ActivationStream, NeuroScopeClient, NeuroScopeError
 from mlx_engine.integrations.neuroscope.endpoints import ENDPOINTS, endpoints_markdown
@@ -285,3 +285,129 @@ def test_client_interventions_reach_the_model(client: NeuroScopeClient, referenc
     expected = reference_rows(reference_kit, prompt_ids, "layers.3.residual", 0, len(prompt_ids), interventions)
     np.testing.assert_allclose(after.array, expected, rtol=RECOMPUTE_RTOL, atol=RECOMPUTE_ATOL)
     assert edited.response["interventions"][0]["op"] == "zero"
+
+
+# ----------------------------------------------------------------------------- extraction, steering, text completions, store analyses
+
+
+@pytest.fixture(scope="module")
+def research(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A server with the research fixtures (tests/neuroscope_server.py); its URL and its store root."""
+    stores, saes = research_roots(tmp_path_factory.mktemp("research"))
+    with running_server(store_root=stores, sae_roots=(saes,)) as url:
+        yield url, stores
+
+
+DOCUMENTS = [f"Document {i}: the cat sat on the mat." for i in range(6)]
+
+
+def test_extraction_job_runs_to_a_store_that_equals_run_with_cache(research: tuple[str, Path], reference_kit: Any) -> None:
+    import mlx_engine
+
+    url, root = research
+    client = NeuroScopeClient(url)
+    job = client.start_extraction(DOCUMENTS, [STORE_HOOK], context_size=32, batch_size=4)
+    assert job["state"] == "running" and job["documents_total"] == len(DOCUMENTS)
+    done = client.wait_for_extraction(job["id"], poll_s=0.05, timeout=120)
+    assert done["state"] == "completed" and done["documents_done"] == len(DOCUMENTS) and done["error"] is None
+    assert job["id"] in [j["id"] for j in client.list_extractions()]
+    assert client.extraction_progress(job["id"]) == done
+    store = mlx_engine.ActivationStore.open(root / done["store"])
+    assert store.complete and store.num_tokens == done["tokens_done"]
+    docs, _ = store.index()
+    first = np.flatnonzero(np.asarray(docs[0:len(docs)]) == 0)
+    tokens = [int(t) for t in store.tokens()[first]]
+    expected = np.array(mlx_engine.run_with_cache(reference_kit, tokens, [STORE_HOOK])[STORE_HOOK])
+    np.testing.assert_allclose(store.rows(STORE_HOOK)[first], expected, rtol=RECOMPUTE_RTOL, atol=RECOMPUTE_ATOL)
+    assert client.store_stats(done["store"], STORE_HOOK)["summary"]["tokens"] == done["tokens_done"]
+
+
+def test_extraction_jobs_cancel_and_their_errors_reach_the_caller(research: tuple[str, Path]) -> None:
+    client = NeuroScopeClient(research[0])
+    job = client.start_extraction(DOCUMENTS * 400, [STORE_HOOK], context_size=32, batch_size=1)
+    with pytest.raises(TimeoutError, match=job["id"]):
+        client.wait_for_extraction(job["id"], poll_s=0.01, timeout=0.0)
+    cancelled = client.cancel_extraction(job["id"])
+    assert cancelled["state"] == "cancelled" and cancelled["documents_done"] < cancelled["documents_total"]
+    assert client.wait_for_extraction(job["id"])["state"] == "cancelled"
+    with pytest.raises(NeuroScopeError) as missing:
+        client.extraction_progress("extract-nosuchjob")
+    assert missing.value.status == 404 and missing.value.code == "extract_job_not_found"
+    with pytest.raises(NeuroScopeError) as bad:
+        client.start_extraction(DOCUMENTS, ["layers.99.residual"])
+    assert bad.value.status == 400 and "out of range" in bad.value.message
+
+
+def test_steering_vector_is_the_mean_difference_and_steers(research: tuple[str, Path], reference_kit: Any) -> None:
+    """The vector equals the in-process mean difference; sent back as an intervention with a scale, the
+    edited residual differs from the plain one by exactly scale x vector at every position."""
+    import mlx.core as mx
+
+    import mlx_engine
+
+    client = NeuroScopeClient(research[0])
+    positive, negative = ["I love this.", "What a joy!"], ["I hate this."]
+    sv = client.steering_vector(1, positive, negative)
+    assert sv["hook_id"] == STORE_HOOK and (sv["n_positive"], sv["n_negative"]) == (2, 1)
+    vector = np.array(sv["vector"]["data"], dtype=np.float32)
+
+    def mean_rows(prompts: list[str]) -> np.ndarray:
+        rows = [np.array(mlx_engine.run_with_cache(reference_kit, p, [STORE_HOOK])[STORE_HOOK].astype(mx.float32)) for p in prompts]
+        return np.mean([r.mean(axis=0) for r in rows], axis=0)
+
+    np.testing.assert_allclose(vector, mean_rows(positive) - mean_rows(negative), rtol=1e-4, atol=1e-4)
+    assert sv["norm"] == pytest.approx(float(np.linalg.norm(vector)), rel=1e-5)
+    steer = dict(sv["intervention"], scale=3.0)
+    plain = client.complete_with_activations("The weather", [STORE_HOOK], max_tokens=1)
+    steered = client.complete_with_activations("The weather", [STORE_HOOK], max_tokens=1, interventions=[steer])
+    delta = steered.captures[STORE_HOOK][0].array - plain.captures[STORE_HOOK][0].array
+    np.testing.assert_allclose(delta, np.broadcast_to(3.0 * vector, delta.shape), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_text_completion_captures_equal_run_with_cache(research: tuple[str, Path], reference_kit: Any, stream: bool) -> None:
+    """POST /v1/completions/with_activations: the raw prompt (no chat template) and its captures."""
+    from mlx_engine.loading import tokenize
+
+    client = NeuroScopeClient(research[0])
+    result = client.complete_with_activations("Once upon a time", REFERENCE_HOOKS, max_tokens=3, stream=stream)
+    if stream:
+        assert isinstance(result, ActivationStream)
+        chunks = [c for c in result if c.token_id is not None]
+        assert "".join(c.text for c in chunks) == result.response()["choices"][0]["text"]
+        result = ActivationResult.from_response(result.response())
+    assert result.response["object"] == "text_completion"
+    prompt_ids = result.response["prompt_token_ids"]
+    assert prompt_ids == list(tokenize(reference_kit, "Once upon a time"))
+    assert len(result.tokens) == 3 and result.text == result.response["choices"][0]["text"]
+    sequence = prompt_ids + result.response["generated_token_ids"]
+    for hook_id, captures in result.captures.items():
+        assert [c.step for c in captures] == [0, 1, 2]
+        for capture in captures:
+            start, end = capture.positions
+            expected = reference_rows(reference_kit, sequence[:end], hook_id, start, end)
+            np.testing.assert_allclose(capture.array, expected, rtol=RECOMPUTE_RTOL, atol=RECOMPUTE_ATOL)
+    converted = convert_activations_for_neuroscope(result)
+    jsonschema.Draft202012Validator(load_schema()).validate(converted)
+    assert converted["text"] == result.text
+
+
+def test_store_distribution_and_polysemantic_ranking(research: tuple[str, Path]) -> None:
+    """A neuron's histogram against numpy's over the stored rows; the ranking's order and its neuron subset."""
+    import mlx_engine
+
+    url, root = research
+    client = NeuroScopeClient(url)
+    column = np.asarray(mlx_engine.ActivationStore.open(root / STORE).rows(STORE_HOOK)[:, 2], dtype=np.float64)
+    dist = client.neuron_distribution(STORE, STORE_HOOK, 2, bins=8)
+    assert dist["sample_rows"] == dist["total_rows"] == len(column)
+    counts, _ = np.histogram(column, bins=np.array(dist["edges"]))
+    assert dist["counts"] == counts.tolist()
+    assert dist["median"] == pytest.approx(float(np.median(column)), rel=1e-5)
+    ranked = client.polysemantic_neurons(STORE, STORE_HOOK, top=3)
+    width = client.store_stats(STORE, STORE_HOOK)["summary"]["width"]
+    assert len(ranked["neurons"]) == 3 and ranked["scored"] == width
+    clusters = [n["clusters"] for n in ranked["neurons"]]
+    assert clusters == sorted(clusters, reverse=True)
+    subset = client.polysemantic_neurons(STORE, STORE_HOOK, neurons=[2, 5], k=4)
+    assert subset["scored"] == 2 and sorted(n["neuron"] for n in subset["neurons"]) == [2, 5]

@@ -20,18 +20,17 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import mlx_engine  # noqa: I001  (first: it picks the BLAS before MLX loads)
-import numpy as np
 import pytest
 import requests
-from neuroscope_server import running_server
+from neuroscope_server import research_roots, running_server
 
 import mlx_engine.integrations.neuroscope as neuroscope
 from mlx_engine.integrations.neuroscope.client import NeuroScopeClient
 from mlx_engine.integrations.neuroscope.endpoints import ENDPOINTS, NOT_FOR_CLIENTS
 from mlx_engine.integrations.neuroscope.smalltalk import generate_smalltalk_client
-from mlx_engine.sae import train
 from mlx_engine.server import ServerConfig, create_app
 from mlx_engine.server.openapi import openapi_path
 
@@ -90,15 +89,7 @@ def test_a_missing_client_method_is_caught() -> None:
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    kit = mlx_engine.load_model("default")
-    texts = [f"Sentence {i}: the cat sat on the mat while a dog ran past the old stone wall." for i in range(12)]
-    stores = tmp_path_factory.mktemp("stores")
-    mlx_engine.extract(kit, texts, ["layers.1.residual"], stores / "tiny", context_size=32, top_k=5, progress=False)
-    rows = np.concatenate([np.array(mlx_engine.run_with_cache(kit, t, ["layers.1.residual"])["layers.1.residual"]) for t in texts])
-    saes = tmp_path_factory.mktemp("saes")
-    train(rows, "blocks.1.hook_resid_post", 64, saes / "resid1", architecture="topk", k=4, batch_size=32, tokens=20 * 32,
-          lr=1e-3, progress=False, eval_tokens=32)
-    return stores, saes
+    return research_roots(tmp_path_factory.mktemp("research"))
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +173,16 @@ def test_the_amber_client_encodes_queries_and_calls_the_research_endpoints(base_
     from amber_eval import amber_eval
 
     from mlx_engine.integrations.neuroscope.endpoints import endpoint
-    from mlx_engine.integrations.neuroscope.smalltalk_requests import smalltalk_request
+    from mlx_engine.integrations.neuroscope.smalltalk_requests import smalltalk_request, url_encode
 
     source = tmp_path / "client.st"
     source.write_text(generate_smalltalk_client("amber", base_url), encoding="utf-8")
     _, encoded, output = amber_eval([source], "NeuroScopeMLXClient new urlEncode: 'group/a b~c%'")
     assert encoded.get("value") == "group%2Fa%20b~c%25", output
+    # Beyond ASCII: UTF-8 bytes, an astral character (a surrogate pair in Amber's JavaScript strings) as one code point.
+    text = "café → naïve 😀"
+    _, encoded, output = amber_eval([source], f"NeuroScopeMLXClient new urlEncode: '{text}'")
+    assert encoded.get("value") == quote(text, safe="") == url_encode(text), output
     sent = smalltalk_request(endpoint("top_examples"), "topExamples:hook:neuron:", ["tiny", "layers.1.residual", 2], None).path
     _, query, output = amber_eval([source], "NeuroScopeMLXClient new query: { 'hook' -> 'layers.1.residual'. 'neuron' -> 2. 'k' -> 20. 'context' -> 8. 'n' -> nil }")
     assert "/v1/stores/tiny/top_examples" + query.get("value", "") == sent, output

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from neuroscope_server import running_server
+from neuroscope_server import STORE, STORE_HOOK, research_roots, running_server
 
 import mlx_engine.integrations.neuroscope as neuroscope
 from mlx_engine.wire.codec import encode_capture
@@ -140,3 +140,73 @@ def test_module_holds_the_generated_endpoint_table() -> None:
     text = MODULE.read_text(encoding="utf-8")
     start, end = text.index(JS_BEGIN), text.index(JS_END) + len(JS_END) + 1
     assert text[start:end] == endpoints_js()
+
+
+RESEARCH_SCRIPT = r"""
+import { NeuroScopeClient } from "MODULE_URL";
+const [baseUrl, store, hook] = process.argv.slice(2);
+const client = new NeuroScopeClient(baseUrl);
+const documents = Array.from({ length: 6 }, (_, i) => `Document ${i}: the cat sat on the mat.`);
+const out = {};
+const job = await client.startExtraction(documents, [hook], { contextSize: 32, batchSize: 4 });
+out.started = job.state;
+out.done = await client.waitForExtraction(job.id, { pollMs: 50, timeoutMs: 120000 });
+out.listed = (await client.listExtractions()).map((j) => j.id).includes(job.id);
+out.progress = await client.extractionProgress(job.id);
+const long = await client.startExtraction(Array(2400).fill(documents[0]), [hook], { contextSize: 32, batchSize: 1 });
+try {
+  await client.waitForExtraction(long.id, { pollMs: 10, timeoutMs: 0 });
+  out.timedOut = false;
+} catch (e) {
+  out.timedOut = e.message.includes(long.id);
+}
+out.cancelled = await client.cancelExtraction(long.id);
+out.steering = await client.steeringVector(1, ["I love this.", "What a joy!"], ["I hate this."]);
+const completion = await client.completeWithActivations("Once upon a time", [hook], { maxTokens: 3, activationFormat: "json" });
+out.completion = { text: completion.text, tokens: completion.tokens, array: Array.from(completion.captures[hook][0].array) };
+out.streamed = [];
+for await (const event of client.streamCompletionWithActivations("Once upon a time", [hook], { maxTokens: 3 })) {
+  if (event.tokenId !== null) out.streamed.push({ text: event.text, tokenText: event.tokenText, step: event.captures[hook][0].step });
+}
+out.distribution = await client.neuronDistribution(store, hook, 2, { bins: 8 });
+out.polysemantic = await client.polysemanticNeurons(store, hook, { top: 3, neurons: [2, 5, 7] });
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.fixture(scope="module")
+def research_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], NeuroScopeClient]]:
+    """The research methods run by Node against a server with the research fixtures, and a Python client of it."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("Node.js is not installed; the JavaScript client cannot be tested")
+    tmp = tmp_path_factory.mktemp("js-research")
+    stores, saes = research_roots(tmp)
+    script = tmp / "research.mjs"
+    script.write_text(RESEARCH_SCRIPT.replace("MODULE_URL", MODULE.as_uri()), encoding="utf-8")
+    with running_server(store_root=stores, sae_roots=(saes,)) as url:
+        done = subprocess.run([node, str(script), url, STORE, STORE_HOOK], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        yield json.loads(done.stdout), NeuroScopeClient(url)
+
+
+def test_js_extraction_jobs_run_list_and_cancel(research_run: tuple[dict[str, Any], NeuroScopeClient]) -> None:
+    out, python = research_run
+    assert out["started"] == "running" and out["listed"]
+    assert out["done"]["state"] == "completed" and out["done"]["documents_done"] == 6
+    assert out["progress"] == out["done"] == python.extraction_progress(out["done"]["id"])
+    assert python.store_stats(out["done"]["store"], STORE_HOOK)["summary"]["tokens"] == out["done"]["tokens_done"]
+    assert out["timedOut"] is True
+    assert out["cancelled"]["state"] == "cancelled" and out["cancelled"]["documents_done"] < 2400
+
+
+def test_js_steering_completion_and_store_analyses_answer_what_python_does(research_run: tuple[dict[str, Any], NeuroScopeClient]) -> None:
+    out, python = research_run
+    assert out["steering"] == python.steering_vector(1, ["I love this.", "What a joy!"], ["I hate this."])
+    reference = python.complete_with_activations("Once upon a time", [STORE_HOOK], max_tokens=3, temperature=0.0)
+    assert out["completion"]["text"] == reference.text and out["completion"]["tokens"] == reference.tokens
+    assert out["completion"]["array"] == as_json_values(reference.captures[STORE_HOOK][0].array)
+    assert [e["tokenText"] for e in out["streamed"]] == reference.tokens and [e["step"] for e in out["streamed"]] == [0, 1, 2]
+    assert "".join(e["text"] for e in out["streamed"]) == reference.text
+    assert out["distribution"] == python.neuron_distribution(STORE, STORE_HOOK, 2, bins=8)
+    assert out["polysemantic"] == python.polysemantic_neurons(STORE, STORE_HOOK, top=3, neurons=[2, 5, 7])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from neuroscope_server import running_server
+from neuroscope_server import research_roots, running_server
 
 import mlx_engine.integrations.neuroscope as neuroscope
 from mlx_engine.integrations.neuroscope.smalltalk import (
@@ -62,8 +62,10 @@ def run_amber(sources: list[Path], tests: tuple[str, ...] = (), describe: tuple[
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    with running_server() as url:
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The default model, with the store and SAE the research tests read (and extraction jobs write beside)."""
+    stores, saes = research_roots(tmp_path_factory.mktemp("research"))
+    with running_server(store_root=stores, sae_roots=(saes,)) as url:
         yield url
 
 

@@ -12,13 +12,15 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from typing import Any, Optional
+from urllib.parse import quote, urlencode
 
 import pytest
-from neuroscope_server import running_server
 
-from mlx_engine.integrations.neuroscope.endpoints import ENDPOINTS, Endpoint
+from neuroscope_server import NON_ASCII_STORE, research_roots, running_server
+
+from mlx_engine.integrations.neuroscope.endpoints import ENDPOINTS, Endpoint, endpoint
 from mlx_engine.integrations.neuroscope.smalltalk import generate_smalltalk_client
-from mlx_engine.integrations.neuroscope.smalltalk_requests import body_plan, selector_arity, smalltalk_request
+from mlx_engine.integrations.neuroscope.smalltalk_requests import url_encode, body_plan, selector_arity, smalltalk_request
 from mlx_engine.integrations.neuroscope.smalltalk_source import st_literal, st_string
 
 # What a NeuroScope user would pass to each argument, by field name.
@@ -43,7 +45,17 @@ ARGUMENTS: dict[str, Any] = {
     "corrupted": [5, 6, 40, 8, 9],
     "source": "resid1",
     "sae_id": "layers.1.residual.sae_features",
+    "bins": 8,
+    "top": 3,
+    "documents": [f"Document {i}: the cat sat on the mat." for i in range(4)],
+    "context_size": 32,
+    "batch_size": 2,
+    "layer_name": 1,
+    "positive": ["I love this."],
+    "negative": ["I hate this."],
 }
+# Where an endpoint needs other values than the shared ones (an extraction stores residuals only).
+ENDPOINT_ARGUMENTS: dict[str, dict[str, Any]] = {"start_extraction": {"hooks": ["layers.1.residual"]}}
 SAE = "/v1/models/default/saes"
 
 CASES = [
@@ -58,19 +70,17 @@ CASES = [
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The default model, with a store under --store-root and an SAE under --sae-root for the research endpoints."""
-    import mlx_engine
-    import numpy as np
-    from mlx_engine.sae import train
-
-    kit = mlx_engine.load_model("default")
-    texts = [f"Sentence {i}: the cat sat on the mat while a dog ran past." for i in range(12)]
-    stores, saes = tmp_path_factory.mktemp("stores"), tmp_path_factory.mktemp("saes")
-    mlx_engine.extract(kit, texts, ["layers.1.residual"], stores / "tiny", context_size=32, top_k=5, progress=False)
-    rows = np.concatenate([np.array(mlx_engine.run_with_cache(kit, t, ["layers.1.residual"])["layers.1.residual"]) for t in texts])
-    train(rows, "blocks.1.hook_resid_post", 64, saes / "resid1", architecture="topk", k=4, batch_size=32, tokens=20 * 32,
-          lr=1e-3, progress=False, eval_tokens=32)
+    stores, saes = research_roots(tmp_path_factory.mktemp("research"))
     with running_server(store_root=stores, sae_roots=(saes,)) as url:
         yield url
+
+
+def start_job(base_url: str) -> str:
+    """A job for the progress and cancel requests: long enough that a cancel finds it running."""
+    body = {"documents": ARGUMENTS["documents"] * 500, "hooks": ["layers.1.residual"], "context_size": 32, "batch_size": 1}
+    status, job = send(base_url, "POST", "/v1/extract", body)
+    assert status == 200, job
+    return job["id"]
 
 
 def send(base_url: str, method: str, path: str, body: Optional[dict[str, Any]]) -> tuple[int, Any]:
@@ -89,15 +99,47 @@ def test_each_generated_request_gets_what_the_client_reads(base_url: str, ep: En
     send(base_url, "DELETE", f"{SAE}/{ARGUMENTS['sae_id']}", None)  # ... and no SAE attached
     if ep.name in ("detach_sae", "list_saes"):
         assert send(base_url, "POST", SAE, {"source": ARGUMENTS["source"]})[0] == 200
-    arguments = [ARGUMENTS[name] for name in ep.smalltalk.args[: selector_arity(ep, selector)]]
+    given = {**ARGUMENTS, **ENDPOINT_ARGUMENTS.get(ep.name, {})}
+    if "job_id" in ep.smalltalk.args:
+        given["job_id"] = start_job(base_url)
+    arguments = [given[name] for name in ep.smalltalk.args[: selector_arity(ep, selector)]]
     request = smalltalk_request(ep, selector, arguments, model)
     status, answer = send(base_url, request.method, request.path, request.body)
     assert 200 <= status < 300, f"{selector} sent {request} and got {status}: {answer}"
     assert isinstance(answer, dict) and set(ep.reads) <= set(answer), f"{selector}: {sorted(answer)} lacks {ep.reads}"
-    if ep.name == "generate_with_activations":
+    if ep.name in ("generate_with_activations", "complete_with_activations"):
         steps = request.body["max_tokens"]
         assert len(answer["generated_token_ids"]) == steps
         assert set(answer["activations"]) == {"layers.0.residual", "layers.1.attention_pattern"}
+    if "job_id" in ep.smalltalk.args:
+        send(base_url, "DELETE", f"/v1/extract/{given['job_id']}", None)  # no job left running for the next case
+
+
+# Text beyond ASCII where each kind of value travels: a path segment, a query value, an n-gram.
+NON_ASCII = ["café →", "naïve 😀", "Ω\u0301", "a/b?c=d&e#f %"]
+
+
+@pytest.mark.parametrize("text", NON_ASCII)
+def test_theurl_encoder_sends_utf8_percent_escapes(text: str) -> None:
+    """The Python mirror of urlEncode: (the Pharo and Squeak source is the same method, Amber runs it) percent-encodes
+    exactly as urllib does with nothing safe but the unreserved characters."""
+    assert url_encode(text) == quote(text, safe="")
+    assert url_encode("\ud800x") == "%EF%BF%BDx"  # a lone surrogate has no UTF-8: U+FFFD's bytes, as the method sends
+
+
+def test_non_ascii_ids_and_queries_reach_the_server_intact(base_url: str) -> None:
+    """The requests storeStats:hook: and ngramNeurons:ngram: send with text beyond ASCII: the store id and the hook
+    name come back as given, and the n-gram is tokenized from the very text a Python client sends."""
+    stats = smalltalk_request(endpoint("store_stats"), "storeStats:hook:", [NON_ASCII_STORE, "layers.1.residual"], None)
+    status, answer = send(base_url, stats.method, stats.path, None)
+    assert status == 200 and answer["store"] == NON_ASCII_STORE, answer
+    wrong = smalltalk_request(endpoint("store_stats"), "storeStats:hook:", ["tiny", NON_ASCII_STORE], None)
+    status, answer = send(base_url, wrong.method, wrong.path, None)
+    assert status == 400 and NON_ASCII_STORE in answer
+    ngram = smalltalk_request(endpoint("ngram_neurons"), "ngramNeurons:ngram:", ["tiny", "café → naïve"], None)
+    status, answer = send(base_url, ngram.method, ngram.path, None)
+    by_hand = json.loads(urllib.request.urlopen(base_url + "/v1/stores/tiny/reverse?" + urlencode({"ngram": "café → naïve", "k": 10})).read())
+    assert status == 200 and answer["ngram"] == by_hand["ngram"] and len(answer["ngram"]) > 4
 
 
 @pytest.mark.parametrize("dialect", ["pharo", "squeak", "amber"])

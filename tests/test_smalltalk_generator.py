@@ -109,7 +109,8 @@ def test_only_the_transport_differs_between_dialects() -> None:
             (m.class_name, m.class_side, m.selector): m.source for m in methods if m.protocol not in DIALECT_PROTOCOLS
         }
         selectors = {m.selector for m in methods if m.protocol == "transport"}
-        common = {"request:path:body:", "parseJson:", "jsonStringOf:", "when:do:", "newList", "positiveInfinity", "streamChat:onStep:"}
+        common = {"request:path:body:", "parseJson:", "jsonStringOf:", "when:do:", "newList", "positiveInfinity", "streamChat:onStep:",
+                  "pause:then:"}
         # Amber alone orders its asynchronous requests (send:) and reads fetch's body stream.
         assert common <= selectors and selectors - common <= {"send:", "readLines:decoder:buffer:onLine:"}
     assert shared["pharo"] == shared["squeak"] == shared["amber"]
@@ -169,3 +170,20 @@ def test_cli_writes_the_file(tmp_path: Path) -> None:
     text = out.read_text(encoding="utf-8")
     assert text == generate_smalltalk_client("squeak", "http://10.0.0.2:9000")
     assert "'http://10.0.0.2:9000'" in text
+
+
+def test_the_url_encoder_is_utf8_and_the_same_in_every_dialect() -> None:
+    """urlEncode: sends each character outside the unreserved set as the %XX of its UTF-8 bytes, with the
+    same source in Pharo and Squeak as in Amber, where the Amber tests run it against the server."""
+    encoders = {}
+    for dialect in DIALECTS:
+        methods = {m.selector: m.source for m in read_file_in(generate_smalltalk_client(dialect)).methods if m.class_name == CLIENT_CLASS}
+        encoders[dialect] = tuple(methods[s] for s in ("urlEncode:", "utf8BytesOf:", "percentByte:"))
+        for source in encoders[dialect]:
+            assert problems(source) == []
+    assert encoders["pharo"] == encoders["squeak"] == encoders["amber"]
+    url_encode, utf8_bytes, _ = encoders["pharo"]
+    assert "(self utf8BytesOf: code) do: [ :byte | out := out , (self percentByte: byte) ]" in url_encode
+    assert "16rD800" in url_encode and "16rFFFD" in url_encode  # surrogate pairs joined, lone ones replaced
+    # One branch per UTF-8 length, each leading byte's marker where UTF-8 puts it.
+    assert [marker in utf8_bytes for marker in ("^ { code }", "16rC0 +", "16rE0 +", "16rF0 +")] == [True] * 4

@@ -9,19 +9,20 @@ JSON and exact).
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
-import numpy as np
-
-from ...wire.codec import decode_capture, decode_capture_extras
-from ...wire.fields import REQUIRED_FIELD_NAMES
-
+from .client_results import ActivationResult, ActivationStream, DecodedCapture, StreamChunk, decode_activations, iter_sse
 from .endpoints import Endpoint, build_body, endpoint
+
+__all__ = [
+    "ActivationResult", "ActivationStream", "DecodedCapture", "NeuroScopeClient", "NeuroScopeError", "StreamChunk",
+    "decode_activations", "iter_sse",
+]
 
 Messages = Union[str, Sequence[Mapping[str, Any]]]
 HookList = Sequence[Union[str, Mapping[str, Any]]]
@@ -46,192 +47,9 @@ class NeuroScopeError(RuntimeError):
         self.code = code
 
 
-@dataclass
-class DecodedCapture:
-    """One wire capture with its data decoded (None when sent with the `none` encoding)."""
-
-    hook_id: str
-    layer_name: str
-    layer: Optional[int]
-    component: str
-    step: int
-    positions: tuple[int, int]
-    key_positions: Optional[list[int]]
-    is_input: bool
-    shape: list[int]
-    dtype: str
-    encoding: str
-    array: Optional[np.ndarray]
-    extras: dict[str, Optional[np.ndarray]] = field(default_factory=dict)
-
-    @classmethod
-    def from_wire(cls, obj: Mapping[str, Any]) -> "DecodedCapture":
-        missing = [name for name in REQUIRED_FIELD_NAMES if name not in obj]
-        if missing:
-            raise ValueError(f"not a wire capture: it lacks {', '.join(missing)}")
-        return cls(
-            hook_id=obj["hook_id"],
-            layer_name=obj["layer_name"],
-            layer=obj["layer"],
-            component=obj["component"],
-            step=obj["step"],
-            positions=(obj["positions"][0], obj["positions"][1]),
-            key_positions=obj.get("key_positions"),
-            is_input=obj["is_input"],
-            shape=list(obj["shape"]),
-            dtype=obj["dtype"],
-            encoding=obj["encoding"],
-            array=decode_capture(obj),
-            extras=decode_capture_extras(obj),
-        )
-
-
-def decode_activations(activations: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[DecodedCapture]]:
-    return {hook: [DecodedCapture.from_wire(c) for c in caps] for hook, caps in activations.items()}
-
-
-@dataclass
-class ActivationResult:
-    """A whole (non-streamed) chat with activations: the raw body and its decoded parts."""
-
-    response: dict[str, Any]
-    text: str
-    captures: dict[str, list[DecodedCapture]]
-    prompt_tokens: list[str]
-    tokens: list[str]
-
-    @classmethod
-    def from_response(cls, body: dict[str, Any]) -> "ActivationResult":
-        message = body["choices"][0]["message"]
-        return cls(
-            response=body,
-            text=message.get("content") or "",
-            captures=decode_activations(body.get("activations") or {}),
-            prompt_tokens=list(body.get("prompt_tokens_text") or []),
-            tokens=list(body.get("generated_tokens_text") or []),
-        )
-
-
-@dataclass
-class StreamChunk:
-    """One SSE event of a streamed chat with activations."""
-
-    text: str  # the visible content added by this event
-    reasoning: str  # reasoning content (Harmony models) added by this event
-    token_id: Optional[int]
-    token_text: Optional[str]
-    captures: dict[str, list[DecodedCapture]]
-    finish_reason: Optional[str]
-    chunk: dict[str, Any]  # the raw event
-
-
-class ActivationStream:
-    """Iterates the `StreamChunk`s of a streamed generation, keeping what a response holds.
-
-    After iteration, `response()` gives the same shape as a non-streamed body (content,
-    activations merged per hook in step order, token ids and strings), so the NeuroScope
-    converter takes either.
-    """
-
-    def __init__(self, http_response: Any) -> None:
-        self._http = http_response
-        self._started = False
-        self._content: list[str] = []
-        self._reasoning: list[str] = []
-        self._activations: dict[str, list[dict[str, Any]]] = {}
-        self._first: dict[str, Any] = {}
-        self._finish: Optional[str] = None
-        self._token_ids: list[int] = []
-        self._token_texts: list[str] = []
-        self._usage: Optional[dict[str, Any]] = None
-        self._done = False
-
-    def __iter__(self) -> Iterator[StreamChunk]:
-        if self._started:
-            raise RuntimeError("an ActivationStream can be iterated once")
-        self._started = True
-        try:
-            for chunk in iter_sse(self._http):
-                yield self._absorb(chunk)
-            self._done = True
-        finally:
-            self._http.close()
-
-    def _absorb(self, chunk: dict[str, Any]) -> StreamChunk:
-        if not self._first:
-            self._first = chunk
-        choices = chunk.get("choices") or []
-        delta = choices[0].get("delta", {}) if choices else {}
-        finish = choices[0].get("finish_reason") if choices else None
-        text = delta.get("content") or ""
-        reasoning = delta.get("reasoning_content") or ""
-        self._content.append(text)
-        self._reasoning.append(reasoning)
-        if finish is not None:
-            self._finish = finish
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
-        acts = chunk.get("activations") or {}
-        for hook, caps in acts.items():
-            self._activations.setdefault(hook, []).extend(caps)
-        token_id = chunk.get("token_id")
-        token_text = chunk.get("token_text")
-        if token_id is not None:
-            self._token_ids.append(token_id)
-            self._token_texts.append(token_text or "")
-        return StreamChunk(text, reasoning, token_id, token_text, decode_activations(acts), finish, chunk)
-
-    def response(self) -> dict[str, Any]:
-        """The streamed generation as a non-streamed body would have carried it."""
-        if not self._done:
-            raise RuntimeError("iterate the stream to its end before asking for the whole response")
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._content)}
-        if any(self._reasoning):
-            message["reasoning_content"] = "".join(self._reasoning)
-        return {
-            "id": self._first.get("id"),
-            "object": "chat.completion",
-            "model": self._first.get("model"),
-            "choices": [{"index": 0, "message": message, "finish_reason": self._finish}],
-            "usage": self._usage,
-            "capture_id": self._first.get("capture_id"),
-            "activations": self._activations,
-            "prompt_token_ids": self._first.get("prompt_token_ids") or [],
-            "prompt_tokens_text": self._first.get("prompt_tokens_text") or [],
-            "generated_token_ids": self._token_ids,
-            "generated_tokens_text": self._token_texts,
-        }
-
-
-def iter_sse(http_response: Any) -> Iterator[dict[str, Any]]:
-    """The JSON payloads of an SSE body, event by event, until `data: [DONE]`.
-
-    Follows the SSE rules the server relies on: `data:` lines of one event are joined
-    with newlines, a blank line ends the event, other fields and comments are ignored.
-    """
-    data: list[str] = []
-    for raw in http_response:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if line == "":
-            if data:
-                payload = "\n".join(data)
-                data = []
-                if payload == "[DONE]":
-                    return
-                yield json.loads(payload)
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data and "\n".join(data) != "[DONE]":
-        yield json.loads("\n".join(data))
-
-
 class NeuroScopeClient:
-    """The mlx-engine server as NeuroScope uses it: models, hook points, hooks, chat with activations,
-    activation stores, analyses and attached SAEs.
+    """The mlx-engine server as NeuroScope uses it: models, hook points, hooks, chat and text completions
+    with activations, activation stores, analyses, attached SAEs, extraction jobs and steering vectors.
 
     `model` is the model requests name; `load_model` sets it, and it falls back to the
     server's first loaded model.
@@ -312,9 +130,33 @@ class NeuroScopeClient:
         text and captures as the server produces them. `interventions` edit the model
         while it generates (the server's intervention dicts); captures show the edited run.
         """
-        ep = endpoint("generate_with_activations")
+        chat = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        return self._capture("generate_with_activations", {"messages": chat}, hooks, stream, activation_format, max_tokens,
+                             temperature, interventions)
+
+    def complete_with_activations(
+        self,
+        prompt: Union[str, Sequence[int]],
+        hooks: HookList,
+        stream: bool = False,
+        activation_format: str = "base64",
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        interventions: Optional[Sequence[Mapping[str, Any]]] = None,
+    ) -> Union[ActivationResult, ActivationStream]:
+        """A text completion of the raw `prompt` (text without a chat template, or token ids), capturing `hooks`.
+
+        Answers as `generate_with_activations` does (`text` is the completion's text).
+        """
+        return self._capture("complete_with_activations", {"prompt": _prompt(prompt)}, hooks, stream, activation_format,
+                             max_tokens, temperature, interventions)
+
+    def _capture(self, name: str, prompt: dict[str, Any], hooks: HookList, stream: bool, activation_format: str,
+                 max_tokens: Optional[int], temperature: Optional[float],
+                 interventions: Optional[Sequence[Mapping[str, Any]]]) -> Union[ActivationResult, ActivationStream]:
+        ep = endpoint(name)
         fields: dict[str, Any] = {
-            "messages": [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages),
+            **prompt,
             "activation_hooks": list(hooks),
             "activation_format": activation_format,
             "stream": stream,
@@ -355,6 +197,18 @@ class NeuroScopeClient:
         query = {"hook": hook, "neuron": neuron, "n": n, "k": k}
         return self._call("neuron_ngrams", query=query, path={"store_id": store_id})["ngrams"]
 
+    def neuron_distribution(self, store_id: str, hook: str, neuron: int, bins: int = 64) -> dict[str, Any]:
+        """A neuron's histogram over the store's rows (`edges`, `counts`), quartiles, outliers and online moments."""
+        query = {"hook": hook, "neuron": neuron, "bins": bins}
+        return self._call("neuron_distribution", query=query, path={"store_id": store_id})
+
+    def polysemantic_neurons(self, store_id: str, hook: str, top: int = 20, neurons: Optional[Sequence[int]] = None,
+                             k: Optional[int] = None, distance: Optional[float] = None) -> dict[str, Any]:
+        """The hook's neurons (or `neurons`) ranked by polysemanticity; `neurons` in the answer holds the first `top`."""
+        named = None if neurons is None else ",".join(str(int(n)) for n in neurons)
+        query = {"hook": hook, "top": top, "neurons": named, "k": k, "distance": distance}
+        return self._call("polysemantic_neurons", query=query, path={"store_id": store_id})
+
     # -- analyses on the client's model
     def logit_lens(self, prompt: Union[str, Sequence[int]], top_k: int = 5) -> dict[str, Any]:
         return self._call("logit_lens", prompt=_prompt(prompt), top_k=top_k, model=self.model)
@@ -381,6 +235,48 @@ class NeuroScopeClient:
 
     def detach_sae(self, sae_id: str) -> list[dict[str, Any]]:
         return self._call("detach_sae", path={"model_id": self.current_model(), "sae_id": sae_id})["data"]
+
+
+    # -- extraction jobs (stores written under the server's --store-root) and steering vectors
+    def start_extraction(self, documents: Sequence[str], hooks: HookList, context_size: int = 1024, batch_size: int = 8,
+                         max_tokens: Optional[int] = None, dtype: str = "float32", top_k: int = 20) -> dict[str, Any]:
+        """Start a job writing the rows of `hooks` over `documents` to a new store; answers the job (`id`, `store`, `state`)."""
+        return self._call("start_extraction", documents=list(documents), hooks=list(hooks), context_size=context_size,
+                          batch_size=batch_size, max_tokens=max_tokens, dtype=dtype, top_k=top_k, model=self.model)
+
+    def list_extractions(self) -> list[dict[str, Any]]:
+        return self._call("list_extractions")["data"]
+
+    def extraction_progress(self, job_id: str) -> dict[str, Any]:
+        """The job's `state` (running, completed, cancelled, failed), documents and tokens done, tokens/s and ETA."""
+        return self._call("extraction_progress", path={"job_id": job_id})
+
+    def cancel_extraction(self, job_id: str) -> dict[str, Any]:
+        """Stop the job after its batch in flight; its store keeps the committed shards and can be resumed."""
+        return self._call("cancel_extraction", path={"job_id": job_id})
+
+    def wait_for_extraction(self, job_id: str, poll_s: float = 1.0, timeout: Optional[float] = None) -> dict[str, Any]:
+        """Poll `extraction_progress` until the job is no longer running; answers its last progress.
+
+        `timeout` (seconds) bounds the wait: a job still running then raises TimeoutError naming it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.extraction_progress(job_id)
+            if job["state"] != "running":
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"extraction {job_id} is still running after {timeout} s ({job['documents_done']} of "
+                                   f"{job['documents_total']} documents); cancel_extraction stops it")
+            time.sleep(poll_s)
+
+    def steering_vector(self, layer_name: Union[int, str], positive: Sequence[Union[str, Sequence[int]]],
+                        negative: Sequence[Union[str, Sequence[int]]], component: str = "residual", position: str = "mean",
+                        format: str = "json") -> dict[str, Any]:
+        """Mean activation of `positive` minus that of `negative` at a layer; its `intervention` is ready for `interventions`."""
+        return self._call("steering_vector", layer_name=layer_name, positive=[_prompt(p) for p in positive],
+                          negative=[_prompt(p) for p in negative], component=component, position=position, format=format,
+                          model=self.model)
 
 
 def _prompt(prompt: Union[str, Sequence[int]]) -> Union[str, list[int]]:

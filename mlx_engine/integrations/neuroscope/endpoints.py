@@ -4,218 +4,25 @@ The Python client, the Smalltalk generator (all three dialects), the JavaScript 
 test and the bridge's documentation are all driven by `ENDPOINTS`, and a test checks it
 against the server's own OpenAPI document, so no client can ask for a path, a field or
 a response key the server does not have. Field defaults here are the *clients'*
-defaults (sent explicitly), chosen for analysis: short, greedy generations.
+defaults (sent explicitly), chosen for analysis: short, greedy generations. The core
+endpoints are here, the research ones (stores, analyses, SAEs, extraction jobs, steering)
+in endpoints_research.py, the building blocks in endpoint_types.py; every name a client
+imports from this module is still here.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from typing import Any, Optional
-from urllib.parse import quote
 
 from ...wire.fields import REQUIRED_FIELD_NAMES
+from .endpoint_types import HOOK_QUERY, MODEL_FIELD, PROMPT_DOC, REQUIRED, Endpoint, Field, SmalltalkBinding
+from .endpoints_research import JOB_ENDPOINTS, RESEARCH_ENDPOINTS, STORE_ANALYSIS_ENDPOINTS
 
-
-class _Required:
-    """Marks a field that has no default: the caller must supply it."""
-
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-
-
-@dataclass(frozen=True)
-class Field:
-    """One request field: its JSON name and type, and what a client sends when not told."""
-
-    name: str
-    type: str  # JSON Schema type name: string, integer, number, boolean, array, object
-    default: Any = None  # None: left out of the request when not given
-    doc: str = ""
-    choices: tuple[str, ...] = ()
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
-
-
-@dataclass(frozen=True)
-class SmalltalkBinding:
-    """How the Smalltalk client exposes an endpoint.
-
-    `selector`'s keywords bind, in order, to the body fields named in `args`; fields not
-    bound are sent with their defaults. `short_selectors` are convenience forms binding
-    a prefix of `args` (the rest take their defaults).
-    """
-
-    selector: str
-    args: tuple[str, ...] = ()
-    short_selectors: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One HTTP operation a client calls."""
-
-    name: str
-    method: str
-    path: str  # `{model_id}` is filled with the client's current model
-    summary: str
-    smalltalk: SmalltalkBinding
-    body: tuple[Field, ...] = ()
-    query: tuple[Field, ...] = ()
-    reads: tuple[str, ...] = ()  # top-level response keys the clients read
-    streams: bool = False  # `stream: true` turns the response into SSE
-    client_method: str = ""  # the Python client's method (default: `name`); the JS client's is its camelCase
-
-    @property
-    def path_params(self) -> tuple[str, ...]:
-        return tuple(re.findall(r"{(\w+)}", self.path))
-
-    @property
-    def python_method(self) -> str:
-        return self.client_method or self.name
-
-    @property
-    def js_method(self) -> str:
-        head, *rest = self.python_method.split("_")
-        return head + "".join(p.capitalize() for p in rest)
-
-    def field(self, name: str) -> Field:
-        for f in self.body + self.query:
-            if f.name == name:
-                return f
-        raise KeyError(f"{self.name} has no field {name!r}")
-
-    def render_path(self, **params: str) -> str:
-        return self.path.format(**{k: quote(str(v), safe="") for k, v in params.items()})
-
-
-MODEL_FIELD = Field("model", "string", doc="A loaded model id; the server's only loaded model if left out.")
-PROMPT_DOC = "Text (tokenized without a chat template) or a list of token ids."
-HOOK_QUERY = Field("hook", "string", REQUIRED, "A hook id the store holds (listStores names them).")
-
-# Activation stores (read-only), analyses on the client's model, and attached SAEs.
-RESEARCH_ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint(
-        name="list_stores",
-        method="GET",
-        path="/v1/stores",
-        summary="The activation stores under the server's --store-root: id, status, model, hooks and widths.",
-        smalltalk=SmalltalkBinding("listStores"),
-        reads=("data",),
-    ),
-    Endpoint(
-        name="store_stats",
-        method="GET",
-        path="/v1/stores/{store_id}/stats",
-        summary="A stored hook's per-neuron statistics (neurons) and the layer's summary.",
-        smalltalk=SmalltalkBinding("storeStats:hook:", ("store_id", "hook")),
-        query=(HOOK_QUERY,),
-        reads=("neurons", "summary"),
-    ),
-    Endpoint(
-        name="top_examples",
-        method="GET",
-        path="/v1/stores/{store_id}/top_examples",
-        summary="A neuron's top-activating examples in Neuronpedia's format (tokens, values, maxValue, maxValueTokenIndex).",
-        smalltalk=SmalltalkBinding("topExamples:hook:neuron:k:", ("store_id", "hook", "neuron", "k"), ("topExamples:hook:neuron:",)),
-        query=(HOOK_QUERY, Field("neuron", "integer", REQUIRED, "The neuron (column)."),
-               Field("k", "integer", 20, "Examples at most."), Field("context", "integer", 8, "Positions each side of the peak.")),
-        reads=("examples",),
-    ),
-    Endpoint(
-        name="ngram_neurons",
-        method="GET",
-        path="/v1/stores/{store_id}/reverse",
-        summary="The neurons a token or n-gram activates most, per hook (mean activation and z-score).",
-        smalltalk=SmalltalkBinding("ngramNeurons:ngram:", ("store_id", "ngram")),
-        query=(Field("ngram", "string", REQUIRED, "Token ids ('#12 #40' or '12,40') or text."),
-               Field("hook", "string", None, "One hook (default: every hook)."), Field("k", "integer", 10, "Neurons per hook.")),
-        reads=("count", "hooks"),
-    ),
-    Endpoint(
-        name="neuron_ngrams",
-        method="GET",
-        path="/v1/stores/{store_id}/reverse",
-        summary="The n-grams (1..n tokens) with the largest mean activation of a neuron.",
-        smalltalk=SmalltalkBinding("neuronNgrams:hook:neuron:", ("store_id", "hook", "neuron")),
-        query=(HOOK_QUERY, Field("neuron", "integer", REQUIRED, "The neuron (column)."),
-               Field("n", "integer", 3, "Longest n-gram."), Field("k", "integer", 10, "N-grams per length.")),
-        reads=("ngrams",),
-    ),
-    Endpoint(
-        name="logit_lens",
-        method="POST",
-        path="/v1/analysis/logit_lens",
-        summary="Every layer's residual read through the final norm and head: top tokens, the next token's rank, KL.",
-        smalltalk=SmalltalkBinding("logitLens:topK:", ("prompt", "top_k"), ("logitLens:",)),
-        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("top_k", "integer", 5, "Tokens per layer and position."), MODEL_FIELD),
-        reads=("layers", "tokens", "top_strings", "top_probs", "next_rank"),
-    ),
-    Endpoint(
-        name="attribution",
-        method="POST",
-        path="/v1/analysis/attribution",
-        summary="Direct logit attribution of logit(target) - logit(foil) to the embedding, layers and heads.",
-        smalltalk=SmalltalkBinding("attribution:target:foil:", ("prompt", "target", "foil"), ("attribution:",)),
-        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("target", "string", None, "A token (default: the top one)."),
-              Field("foil", "string", None, "A token (default: the runner-up)."), Field("position", "integer", -1, "The position read."),
-              MODEL_FIELD),
-        reads=("total", "terms", "target_string", "foil_string"),
-    ),
-    Endpoint(
-        name="head_scores",
-        method="POST",
-        path="/v1/analysis/heads",
-        summary="Per-head induction, duplicate-token, previous-token, entropy (and importance) scores.",
-        smalltalk=SmalltalkBinding("headScores:repeatLength:", ("prompt", "repeat_length"), ("headScores:",)),
-        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("repeat_length", "integer", 20, "The repeated sequence's length."),
-              Field("importance", "boolean", False, "Also ablate each head on the prompt."), MODEL_FIELD),
-        reads=("tables", "ranked"),
-    ),
-    Endpoint(
-        name="patching",
-        method="POST",
-        path="/v1/analysis/patching",
-        summary="Activation patching: the fraction of the clean behaviour each (layer, position) restores.",
-        smalltalk=SmalltalkBinding("patchClean:corrupted:", ("clean", "corrupted")),
-        body=(Field("clean", "string", REQUIRED, PROMPT_DOC), Field("corrupted", "string", REQUIRED, "As many tokens as clean."),
-              Field("component", "string", "residual", "The site patched.", ("residual", "attention", "mlp", "resid_mid", "z")),
-              Field("metric", "string", "logit_diff", "What is recovered.", ("logit_diff", "prob")), MODEL_FIELD),
-        reads=("fractions", "layers", "columns", "clean_metric", "corrupted_metric"),
-    ),
-    Endpoint(
-        name="attach_sae",
-        method="POST",
-        path="/v1/models/{model_id}/saes",
-        summary="Attach an SAE (a folder under an --sae-root, or a Hub id): its features become a hook point.",
-        smalltalk=SmalltalkBinding("attachSae:topK:", ("source", "top_k"), ("attachSae:",)),
-        body=(Field("source", "string", REQUIRED, "A folder under an --sae-root or --model-root, or 'owner/name'."),
-              Field("top_k", "integer", None, "Capture only the k largest features per position.")),
-        reads=("id", "hook_id", "d_sae"),
-    ),
-    Endpoint(
-        name="list_saes",
-        method="GET",
-        path="/v1/models/{model_id}/saes",
-        summary="The SAEs attached to the model.",
-        smalltalk=SmalltalkBinding("saes"),
-        reads=("data",),
-    ),
-    Endpoint(
-        name="detach_sae",
-        method="DELETE",
-        path="/v1/models/{model_id}/saes/{sae_id}",
-        summary="Detach an SAE by its id.",
-        smalltalk=SmalltalkBinding("detachSae:", ("sae_id",)),
-        reads=("data",),
-    ),
-)
+__all__ = [
+    "ENDPOINTS", "NOT_FOR_CLIENTS", "REQUIRED", "Endpoint", "Field", "SmalltalkBinding", "HOOK_QUERY", "MODEL_FIELD",
+    "PROMPT_DOC", "build_body", "endpoint", "endpoints_js", "endpoints_markdown",
+]
 
 # Routes no client calls, each with the reason; a test fails on a route in neither table.
 NOT_FOR_CLIENTS: dict[str, str] = {
@@ -232,11 +39,6 @@ NOT_FOR_CLIENTS: dict[str, str] = {
     "GET /v1/activations/captures": "whole-capture downloads are safetensors files, read with mlx_engine.wire.files",
     "GET /v1/activations/captures/{capture_id}": "whole-capture downloads are safetensors files, read with mlx_engine.wire.files",
     "DELETE /v1/activations/captures/{capture_id}": "whole-capture downloads are safetensors files, read with mlx_engine.wire.files",
-    "POST /v1/steering/vectors": "interventions are passed to generateWithActivations as built elsewhere",
-    "POST /v1/extract": "extraction is a long job run from the viewer, the command line or Python",
-    "GET /v1/extract": "extraction is a long job run from the viewer, the command line or Python",
-    "GET /v1/extract/{job_id}": "extraction is a long job run from the viewer, the command line or Python",
-    "DELETE /v1/extract/{job_id}": "extraction is a long job run from the viewer, the command line or Python",
 }
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -326,7 +128,40 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ),
         streams=True,
     ),
+    Endpoint(
+        name="complete_with_activations",
+        method="POST",
+        path="/v1/completions/with_activations",
+        summary="A text completion of a raw prompt (no chat template) that also returns the activations of the named hooks.",
+        smalltalk=SmalltalkBinding(
+            "completeWithActivations:hooks:maxTokens:temperature:",
+            ("prompt", "activation_hooks", "max_tokens", "temperature"),
+            ("completeWithActivations:hooks:",),
+        ),
+        body=(
+            Field("prompt", "string", REQUIRED, PROMPT_DOC),
+            Field("activation_hooks", "array", REQUIRED, "Hook specs or names to capture."),
+            Field("max_tokens", "integer", 32, "Tokens to generate at most."),
+            Field("temperature", "number", 0.0, "0 is greedy: the same prompt gives the same activations."),
+            Field("activation_format", "string", "json", "How captures travel.", ("json", "base64", "none")),
+            Field("stream", "boolean", False, "Server-Sent Events, one chunk per generated token."),
+            Field("interventions", "array", None, "Edits made while generating (steering, ablation, patching)."),
+            MODEL_FIELD,
+        ),
+        reads=(
+            "model",
+            "choices",
+            "activations",
+            "prompt_token_ids",
+            "prompt_tokens_text",
+            "generated_token_ids",
+            "generated_tokens_text",
+        ),
+        streams=True,
+    ),
     *RESEARCH_ENDPOINTS,
+    *STORE_ANALYSIS_ENDPOINTS,
+    *JOB_ENDPOINTS,
 )
 
 BY_NAME: dict[str, Endpoint] = {e.name: e for e in ENDPOINTS}

@@ -20,7 +20,7 @@ import numpy as np
 from ...wire.codec import decode_array, decode_capture, json_numbers
 from ...wire.fields import REQUIRED_FIELD_NAMES
 
-from .client import ActivationResult
+from .client_results import ActivationResult, choice_text
 
 FORMAT_NAME = "neuroscope-activations"
 FORMAT_VERSION = 1
@@ -52,10 +52,9 @@ def convert_capture(wire: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def convert_activations_for_neuroscope(response: Union[Mapping[str, Any], ActivationResult]) -> dict[str, Any]:
-    """A with_activations response (whole, or `ActivationStream.response()`) in NeuroScope's format."""
+    """A with_activations response, chat or text completion (whole, or `ActivationStream.response()`), in NeuroScope's format."""
     body = response.response if isinstance(response, ActivationResult) else response
     choices = body.get("choices") or [{}]
-    message = choices[0].get("message") or {}
     activations = {
         hook: [convert_capture(c) for c in sorted(caps, key=lambda c: c["step"])]
         for hook, caps in (body.get("activations") or {}).items()
@@ -64,7 +63,7 @@ def convert_activations_for_neuroscope(response: Union[Mapping[str, Any], Activa
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "model": body.get("model"),
-        "text": message.get("content") or "",
+        "text": choice_text(choices[0]),
         "prompt_tokens": list(body.get("prompt_tokens_text") or []),
         "generated_tokens": list(body.get("generated_tokens_text") or []),
         "prompt_token_ids": list(body.get("prompt_token_ids") or []),

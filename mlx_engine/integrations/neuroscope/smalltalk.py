@@ -26,6 +26,7 @@ from .smalltalk_analysis import conversion_methods as analysis_conversion_method
 from .smalltalk_source import ClassSpec, Method, escape_chunk, method, st_literal, st_string, st_string_array
 from .smalltalk_streaming import TRANSPORT as STREAM_TRANSPORT
 from .smalltalk_streaming import shared_methods as streaming_methods
+from .smalltalk_research_tests import SAE_SOURCE, STORE, STORE_HOOK, research_test_methods
 from .smalltalk_tests import CLIENT_CLASS, test_methods
 
 DIALECTS: tuple[str, ...] = ("pharo", "squeak", "amber")
@@ -224,17 +225,20 @@ def _conversion_methods() -> list[Method]:
     return [
         method("converting", """
 convertActivations: aResponse
-    "aResponse is the answer of generateWithActivations:... Answers NeuroScope's activation
-    format (docs/neuroscope-format.md) as a Dictionary: per hook id its captures in step order,
-    each with flat row-major data, plus the prompt and generated tokens as strings.
+    "aResponse is the answer of generateWithActivations:... or completeWithActivations:... Answers
+    NeuroScope's activation format (docs/neuroscope-format.md) as a Dictionary: per hook id its captures
+    in step order, each with flat row-major data, plus the prompt and generated tokens as strings.
     Infinities and NaN, which JSON spells as strings, become Floats here."
-    | result activations message |
+    | result activations choice message |
     result := Dictionary new.
     result at: 'format' put: 'neuroscope-activations'.
     result at: 'version' put: 1.
     result at: 'model' put: (aResponse at: 'model' ifAbsent: [ nil ]).
-    message := ((aResponse at: 'choices') first) at: 'message'.
-    result at: 'text' put: ((message at: 'content' ifAbsent: [ nil ]) ifNil: [ '' ]).
+    choice := (aResponse at: 'choices') first.
+    message := choice at: 'message' ifAbsent: [ nil ].
+    result at: 'text' put: ((message isNil
+        ifTrue: [ choice at: 'text' ifAbsent: [ nil ] ]
+        ifFalse: [ message at: 'content' ifAbsent: [ nil ] ]) ifNil: [ '' ]).
     result at: 'prompt_tokens' put: (aResponse at: 'prompt_tokens_text' ifAbsent: [ {} ]).
     result at: 'generated_tokens' put: (aResponse at: 'generated_tokens_text' ifAbsent: [ {} ]).
     result at: 'prompt_token_ids' put: (aResponse at: 'prompt_token_ids' ifAbsent: [ {} ]).
@@ -297,8 +301,10 @@ floatNamed: aString
 def _client_comment(dialect: Dialect, base_url: str) -> str:
     lines = [
         f"I am the NeuroScope client of an mlx-engine server (default {base_url}): I list and load models,",
-        "read a model's hook points, register and clear activation hooks, and run chat completions",
+        "read a model's hook points, register and clear activation hooks, and run chat and text completions",
         "that return activations, which convertActivations: turns into NeuroScope's activation format;",
+        "I read activation stores, run analyses, attach SAEs, start and follow extraction jobs",
+        "(waitForExtraction:every: polls one until it ends) and build steering vectors;",
         "generateWithActivations:hooks:onStep: hands each step to a block as it arrives, and",
         "convertAnalysisForNeuroScope: converts analysis results (docs/neuroscope-format.md).",
         "",
@@ -350,8 +356,11 @@ def client_classes(dialect: Dialect, base_url: str) -> list[ClassSpec]:
         f"I test {CLIENT_CLASS} against a live mlx-engine server at its default URL: health, models, hook\n"
         "points, registering and clearing hooks, server errors, and chat with activations whose numbers\n"
         "must be finite, shaped as the hook points promise, and causally masked; streaming step by step,\n"
-        "the seed's session as written, and analysis results converted.",
-        test_methods() + list(dialect.test_support_methods),
+        "the seed's session as written, and analysis results converted. The research tests (stores, analyses,\n"
+        f"SAEs, extraction jobs, steering vectors, text completions) need the server's --store-root to hold the\n"
+        f"store {STORE} (hook {STORE_HOOK}) and a copy of it under an id beyond ASCII, and its --sae-root the\n"
+        f"SAE folder {SAE_SOURCE} at that hook; the extraction tests write new stores under the store root.",
+        test_methods() + research_test_methods() + list(dialect.test_support_methods),
     )
     return [client, compat, test]
 

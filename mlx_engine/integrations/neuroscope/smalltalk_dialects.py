@@ -3,7 +3,7 @@
 Pharo talks HTTP with ZnClient and JSON with STON; Squeak with WebClient and the JSON
 package; Amber with its JavaScript host's `fetch` and `JSON`. Each dialect supplies the
 same small set of primitives (`request:path:body:`, `parseJson:`, `jsonStringOf:`,
-`when:do:`, `newList`, `positiveInfinity`) and the SUnit helpers (`check:then:`,
+`when:do:`, `newList`, `positiveInfinity`, `pause:then:`) and the SUnit helpers (`check:then:`,
 `errorMessageOf:then:`, `text:includes:`); everything else is shared source.
 """
 
@@ -75,6 +75,12 @@ newList
     method("transport", """
 positiveInfinity
     ^ Float infinity
+"""),
+    method("transport", """
+pause: milliseconds then: aBlock
+    "Synchronous transport: wait here, then answer aBlock's value."
+    (Delay forMilliseconds: milliseconds) wait.
+    ^ aBlock value
 """),
 )
 
@@ -244,6 +250,11 @@ newList
         method("transport", """
 positiveInfinity
     ^ Number positiveInfinity
+"""),
+        method("transport", """
+pause: milliseconds then: aBlock
+    "Asynchronous transport: a Promise of aBlock's value, milliseconds from now (the host's timer)."
+    ^ (Promise delayMilliseconds: milliseconds) then: [ :ignored | aBlock value ]
 """),
     ),
     client_ivars=("pending",),

@@ -31,6 +31,9 @@ ARGUMENT_CONVERSION: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "messages": ("(self messagesFrom: {arg})", _messages_from),
     "hooks": ("{arg} asArray", list),
     "activation_hooks": ("{arg} asArray", list),
+    "documents": ("{arg} asArray", list),
+    "positive": ("{arg} asArray", list),
+    "negative": ("{arg} asArray", list),
 }
 
 
@@ -97,26 +100,48 @@ def path_expression(ep: Endpoint, bound: dict[str, str], literal: Callable[[Any]
     return " , ".join(pieces)
 
 
-# The helpers the query building needs, the same source in every dialect (ASCII percent-encoding:
-# ids, hook names and numbers are ASCII; a character beyond ASCII is sent as one %XX of its code, so
-# text n-grams outside ASCII need token ids; `asciiValue`, `//` and `copyFrom:to:` exist in all three).
+# The helpers the query building needs, the same source in every dialect. Percent-encoding is
+# UTF-8, computed by arithmetic from each character's code (`asciiValue`: the code point in Pharo
+# and Squeak, the UTF-16 code unit in Amber, whose surrogate pairs are joined first), so it needs
+# no dialect's own encoder; `//`, `\\`, `copyFrom:to:` and brace arrays exist in all three.
 QUERY_METHODS: tuple[tuple[str, str], ...] = (
     ("private", """
 urlEncode: aValue
-    "aValue (a string or a number) percent-encoded for a path segment or a query value."
-    | text safe hex out code |
+    "aValue (a string or a number) percent-encoded for a path segment or a query value: unreserved ASCII
+    as it is, every other character as the %XX of each of its UTF-8 bytes, which the server decodes."
+    | text safe out i |
     text := aValue isString ifTrue: [ aValue ] ifFalse: [ aValue printString ].
     safe := 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~'.
-    hex := '0123456789ABCDEF'.
     out := ''.
-    1 to: text size do: [ :i |
+    i := 1.
+    [ i <= text size ] whileTrue: [
+        | code |
         (safe includes: (text at: i))
             ifTrue: [ out := out , (text copyFrom: i to: i) ]
             ifFalse: [
                 code := (text at: i) asciiValue.
-                out := out , '%' , (hex copyFrom: code // 16 + 1 to: code // 16 + 1)
-                    , (hex copyFrom: code - (code // 16 * 16) + 1 to: code - (code // 16 * 16) + 1) ] ].
+                ((code between: 16rD800 and: 16rDBFF) and: [ i < text size and: [ (text at: i + 1) asciiValue between: 16rDC00 and: 16rDFFF ] ])
+                    ifTrue: [
+                        code := (code - 16rD800) * 1024 + ((text at: i + 1) asciiValue - 16rDC00) + 16r10000.
+                        i := i + 1 ]
+                    ifFalse: [ (code between: 16rD800 and: 16rDFFF) ifTrue: [ code := 16rFFFD ] ].
+                (self utf8BytesOf: code) do: [ :byte | out := out , (self percentByte: byte) ] ].
+        i := i + 1 ].
     ^ out
+"""),
+    ("private", """
+utf8BytesOf: code
+    "The UTF-8 bytes of one code point."
+    code < 16r80 ifTrue: [ ^ { code } ].
+    code < 16r800 ifTrue: [ ^ { 16rC0 + (code // 64). 16r80 + (code \\\\ 64) } ].
+    code < 16r10000 ifTrue: [ ^ { 16rE0 + (code // 4096). 16r80 + (code // 64 \\\\ 64). 16r80 + (code \\\\ 64) } ].
+    ^ { 16rF0 + (code // 262144). 16r80 + (code // 4096 \\\\ 64). 16r80 + (code // 64 \\\\ 64). 16r80 + (code \\\\ 64) }
+"""),
+    ("private", """
+percentByte: byte
+    | hex |
+    hex := '0123456789ABCDEF'.
+    ^ '%' , (hex copyFrom: byte // 16 + 1 to: byte // 16 + 1) , (hex copyFrom: byte \\\\ 16 + 1 to: byte \\\\ 16 + 1)
 """),
     ("private", """
 query: associations
@@ -127,6 +152,21 @@ query: associations
         each value isNil ifFalse: [
             out := out , (out isEmpty ifTrue: [ '?' ] ifFalse: [ '&' ]) , each key , '=' , (self urlEncode: each value) ] ].
     ^ out
+"""),
+    ("extraction", """
+waitForExtraction: jobId
+    "As waitForExtraction:every: asking once a second."
+    ^ self waitForExtraction: jobId every: 1000
+"""),
+    ("extraction", """
+waitForExtraction: jobId every: milliseconds
+    "Asks extractionProgress: every milliseconds until the job is no longer running, and answers its last
+    progress (state completed, cancelled or failed). In Amber the answer is a Promise and the wait a timer,
+    so the image keeps running meanwhile."
+    ^ self when: (self extractionProgress: jobId) do: [ :job |
+        (job at: 'state') = 'running'
+            ifTrue: [ self pause: milliseconds then: [ self waitForExtraction: jobId every: milliseconds ] ]
+            ifFalse: [ job ] ]
 """),
 )
 
@@ -179,18 +219,26 @@ def smalltalk_request(ep: Endpoint, selector: str, arguments: Sequence[Any], mod
         path = path.replace("{model_id}", model)  # joined as is, like the generated `, id ,`
     for name in ep.path_params:
         if name != "model_id":
-            path = path.replace("{" + name + "}", _url_encode(values[name]))
+            path = path.replace("{" + name + "}", url_encode(values[name]))
     if model_query_only(ep):
         if model is not None:
             path += "?model=" + model  # modelQuery: appended as is
     elif ep.query:
         pairs = [(q.field, values[q.field] if q.source == "argument" else q.value) for q in query_plan(ep)]
-        given = [f"{k}={_url_encode(v)}" for k, v in pairs if v is not None]
+        given = [f"{k}={url_encode(v)}" for k, v in pairs if v is not None]
         path += ("?" + "&".join(given)) if given else ""
     return SmalltalkRequest(ep.method, path, body)
 
 
-def _url_encode(value: Any) -> str:
-    """As the client's `urlEncode:`: unreserved ASCII kept, every other character as %XX."""
+def url_encode(value: Any) -> str:
+    """As the client's `urlEncode:`: unreserved ASCII kept, every other character as the %XX of its UTF-8
+    bytes (a lone surrogate, which has none, as U+FFFD's)."""
     text = value if isinstance(value, str) else str(value)
-    return "".join(c if c.isascii() and (c.isalnum() or c in "-_.~") else f"%{ord(c):02X}" for c in text)
+    out = []
+    for c in text:
+        if c.isascii() and (c.isalnum() or c in "-_.~"):
+            out.append(c)
+        else:
+            code = 0xFFFD if 0xD800 <= ord(c) <= 0xDFFF else ord(c)
+            out.extend(f"%{b:02X}" for b in chr(code).encode("utf-8"))
+    return "".join(out)

@@ -20,6 +20,7 @@ export const ENDPOINTS = Object.freeze({
   "register_hooks": {"method": "POST", "path": "/v1/activations/hooks", "body": {"hooks": null, "model": null}, "query": [], "required": ["hooks"]},
   "clear_hooks": {"method": "DELETE", "path": "/v1/activations/hooks", "body": {}, "query": ["model"], "required": []},
   "generate_with_activations": {"method": "POST", "path": "/v1/chat/completions/with_activations", "body": {"messages": null, "activation_hooks": null, "max_tokens": 32, "temperature": 0.0, "activation_format": "json", "stream": false, "interventions": null, "model": null}, "query": [], "required": ["messages", "activation_hooks"]},
+  "complete_with_activations": {"method": "POST", "path": "/v1/completions/with_activations", "body": {"prompt": null, "activation_hooks": null, "max_tokens": 32, "temperature": 0.0, "activation_format": "json", "stream": false, "interventions": null, "model": null}, "query": [], "required": ["prompt", "activation_hooks"]},
   "list_stores": {"method": "GET", "path": "/v1/stores", "body": {}, "query": [], "required": []},
   "store_stats": {"method": "GET", "path": "/v1/stores/{store_id}/stats", "body": {}, "query": ["hook"], "required": []},
   "top_examples": {"method": "GET", "path": "/v1/stores/{store_id}/top_examples", "body": {}, "query": ["hook", "neuron", "k", "context"], "required": []},
@@ -32,6 +33,13 @@ export const ENDPOINTS = Object.freeze({
   "attach_sae": {"method": "POST", "path": "/v1/models/{model_id}/saes", "body": {"source": null, "top_k": null}, "query": [], "required": ["source"]},
   "list_saes": {"method": "GET", "path": "/v1/models/{model_id}/saes", "body": {}, "query": [], "required": []},
   "detach_sae": {"method": "DELETE", "path": "/v1/models/{model_id}/saes/{sae_id}", "body": {}, "query": [], "required": []},
+  "neuron_distribution": {"method": "GET", "path": "/v1/stores/{store_id}/distribution", "body": {}, "query": ["hook", "neuron", "bins"], "required": []},
+  "polysemantic_neurons": {"method": "GET", "path": "/v1/stores/{store_id}/polysemantic", "body": {}, "query": ["hook", "top", "neurons", "k", "distance"], "required": []},
+  "start_extraction": {"method": "POST", "path": "/v1/extract", "body": {"documents": null, "hooks": null, "context_size": 1024, "batch_size": 8, "max_tokens": null, "dtype": "float32", "top_k": 20, "model": null}, "query": [], "required": ["documents", "hooks"]},
+  "list_extractions": {"method": "GET", "path": "/v1/extract", "body": {}, "query": [], "required": []},
+  "extraction_progress": {"method": "GET", "path": "/v1/extract/{job_id}", "body": {}, "query": [], "required": []},
+  "cancel_extraction": {"method": "DELETE", "path": "/v1/extract/{job_id}", "body": {}, "query": [], "required": []},
+  "steering_vector": {"method": "POST", "path": "/v1/steering/vectors", "body": {"layer_name": null, "positive": null, "negative": null, "component": "residual", "position": "mean", "format": "json", "model": null}, "query": [], "required": ["layer_name", "positive", "negative"]},
 });
 // The metadata every wire capture carries (wire/fields.py).
 export const CAPTURE_FIELDS = Object.freeze(["hook_id", "layer_name", "layer", "component", "step", "positions", "key_positions", "is_input", "shape", "dtype"]);
@@ -205,6 +213,21 @@ export async function* readServerSentEvents(body) {
   }
 }
 
+/** A chat's or text completion's choice text: the message's content, or the completion's text. */
+function choiceText(choice) {
+  return (choice.message ? choice.message.content : choice.text) || "";
+}
+
+function activationResult(body) {
+  return {
+    response: body,
+    text: choiceText(body.choices[0]),
+    captures: decodeActivations(body.activations),
+    promptTokens: body.prompt_tokens_text || [],
+    tokens: body.generated_tokens_text || [],
+  };
+}
+
 export class NeuroScopeClient {
   /**
    * @param {string} baseUrl the server's root URL
@@ -319,6 +342,17 @@ export class NeuroScopeClient {
     return (await this.json("neuron_ngrams", { path: { store_id: storeId }, query: { hook, neuron, n, k } })).ngrams;
   }
 
+  /** A neuron's histogram over the store's rows (`edges`, `counts`), quartiles, outliers and online moments. */
+  neuronDistribution(storeId, hook, neuron, { bins = 64 } = {}) {
+    return this.json("neuron_distribution", { path: { store_id: storeId }, query: { hook, neuron, bins } });
+  }
+
+  /** The hook's neurons (or `neurons`, an array of ids) ranked by polysemanticity; the answer's `neurons` holds the first `top`. */
+  polysemanticNeurons(storeId, hook, { top = 20, neurons = null, k = null, distance = null } = {}) {
+    const named = neurons === null ? null : neurons.join(",");
+    return this.json("polysemantic_neurons", { path: { store_id: storeId }, query: { hook, top, neurons: named, k, distance } });
+  }
+
   // Analyses on the client's model; `prompt` is text or an array of token ids.
   logitLens(prompt, { topK = 5 } = {}) {
     return this.json("logit_lens", { fields: { prompt, top_k: topK, model: this.model } });
@@ -349,9 +383,50 @@ export class NeuroScopeClient {
     return (await this.json("detach_sae", { path: { model_id: await this.currentModel(), sae_id: saeId } })).data;
   }
 
+  // Extraction jobs (a new store under the server's --store-root) and steering vectors.
+  startExtraction(documents, hooks, { contextSize = 1024, batchSize = 8, maxTokens = null, dtype = "float32", topK = 20 } = {}) {
+    const fields = { documents, hooks, context_size: contextSize, batch_size: batchSize, max_tokens: maxTokens, dtype, top_k: topK };
+    return this.json("start_extraction", { fields: { ...fields, model: this.model } });
+  }
+
+  async listExtractions() {
+    return (await this.json("list_extractions")).data;
+  }
+
+  extractionProgress(jobId) {
+    return this.json("extraction_progress", { path: { job_id: jobId } });
+  }
+
+  cancelExtraction(jobId) {
+    return this.json("cancel_extraction", { path: { job_id: jobId } });
+  }
+
+  /** Polls extractionProgress every `pollMs` until the job is no longer running; resolves to its last progress. */
+  async waitForExtraction(jobId, { pollMs = 1000, timeoutMs = null } = {}) {
+    const start = Date.now();
+    for (;;) {
+      const job = await this.extractionProgress(jobId);
+      if (job.state !== "running") return job;
+      if (timeoutMs !== null && Date.now() - start >= timeoutMs) {
+        throw new Error(`extraction ${jobId} is still running after ${timeoutMs} ms; cancelExtraction stops it`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, pollMs));
+    }
+  }
+
+  /** Mean activation of `positive` minus that of `negative` prompts at a layer, with its ready `intervention`. */
+  steeringVector(layerName, positive, negative, { component = "residual", position = "mean", format = "json" } = {}) {
+    const fields = { layer_name: layerName, positive, negative, component, position, format, model: this.model };
+    return this.json("steering_vector", { fields });
+  }
+
   chatFields(messages, hooks, options, stream) {
+    return this.captureFields({ messages: typeof messages === "string" ? [{ role: "user", content: messages }] : messages }, hooks, options, stream);
+  }
+
+  captureFields(prompt, hooks, options, stream) {
     const fields = {
-      messages: typeof messages === "string" ? [{ role: "user", content: messages }] : messages,
+      ...prompt,
       activation_hooks: hooks,
       activation_format: options.activationFormat || "base64",
       stream,
@@ -368,14 +443,12 @@ export class NeuroScopeClient {
    * `promptTokens` and `tokens` (strings).
    */
   async generateWithActivations(messages, hooks, options = {}) {
-    const body = await this.json("generate_with_activations", { fields: this.chatFields(messages, hooks, options, false) });
-    return {
-      response: body,
-      text: body.choices[0].message.content || "",
-      captures: decodeActivations(body.activations),
-      promptTokens: body.prompt_tokens_text || [],
-      tokens: body.generated_tokens_text || [],
-    };
+    return activationResult(await this.json("generate_with_activations", { fields: this.chatFields(messages, hooks, options, false) }));
+  }
+
+  /** A whole text completion of the raw `prompt` (text or token ids) with activations, as generateWithActivations answers. */
+  async completeWithActivations(prompt, hooks, options = {}) {
+    return activationResult(await this.json("complete_with_activations", { fields: this.captureFields({ prompt }, hooks, options, false) }));
   }
 
   /**
@@ -383,12 +456,21 @@ export class NeuroScopeClient {
    * finishReason, promptTokens, chunk}` per server event, as each token is generated.
    */
   async *streamWithActivations(messages, hooks, options = {}) {
-    const response = await this.request("generate_with_activations", { fields: this.chatFields(messages, hooks, options, true) });
+    yield* this.streamEvents("generate_with_activations", this.chatFields(messages, hooks, options, true));
+  }
+
+  /** A streamed text completion with activations: yields the events streamWithActivations yields. */
+  async *streamCompletionWithActivations(prompt, hooks, options = {}) {
+    yield* this.streamEvents("complete_with_activations", this.captureFields({ prompt }, hooks, options, true));
+  }
+
+  async *streamEvents(name, fields) {
+    const response = await this.request(name, { fields });
     for await (const chunk of readServerSentEvents(response.body)) {
       const choice = (chunk.choices || [])[0] || {};
       const delta = choice.delta || {};
       yield {
-        text: delta.content || "",
+        text: ("delta" in choice ? delta.content : choice.text) || "",
         reasoning: delta.reasoning_content || "",
         tokenId: chunk.token_id ?? null,
         tokenText: chunk.token_text ?? null,

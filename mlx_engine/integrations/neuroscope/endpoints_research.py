@@ -1,0 +1,216 @@
+"""The endpoint table's research part: activation stores, analyses, SAEs, extraction jobs, steering.
+
+Read-only store queries, analyses on the client's model, SAEs attached to it, corpus
+extraction jobs (start, list, follow, cancel) and steering vectors; endpoints.py joins
+these to the core endpoints in `ENDPOINTS`.
+"""
+
+from __future__ import annotations
+
+from .endpoint_types import HOOK_QUERY, MODEL_FIELD, PROMPT_DOC, REQUIRED, Endpoint, Field, SmalltalkBinding
+
+# Activation stores (read-only), analyses on the client's model, and attached SAEs.
+RESEARCH_ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        name="list_stores",
+        method="GET",
+        path="/v1/stores",
+        summary="The activation stores under the server's --store-root: id, status, model, hooks and widths.",
+        smalltalk=SmalltalkBinding("listStores"),
+        reads=("data",),
+    ),
+    Endpoint(
+        name="store_stats",
+        method="GET",
+        path="/v1/stores/{store_id}/stats",
+        summary="A stored hook's per-neuron statistics (neurons) and the layer's summary.",
+        smalltalk=SmalltalkBinding("storeStats:hook:", ("store_id", "hook")),
+        query=(HOOK_QUERY,),
+        reads=("neurons", "summary"),
+    ),
+    Endpoint(
+        name="top_examples",
+        method="GET",
+        path="/v1/stores/{store_id}/top_examples",
+        summary="A neuron's top-activating examples in Neuronpedia's format (tokens, values, maxValue, maxValueTokenIndex).",
+        smalltalk=SmalltalkBinding("topExamples:hook:neuron:k:", ("store_id", "hook", "neuron", "k"), ("topExamples:hook:neuron:",)),
+        query=(HOOK_QUERY, Field("neuron", "integer", REQUIRED, "The neuron (column)."),
+               Field("k", "integer", 20, "Examples at most."), Field("context", "integer", 8, "Positions each side of the peak.")),
+        reads=("examples",),
+    ),
+    Endpoint(
+        name="ngram_neurons",
+        method="GET",
+        path="/v1/stores/{store_id}/reverse",
+        summary="The neurons a token or n-gram activates most, per hook (mean activation and z-score).",
+        smalltalk=SmalltalkBinding("ngramNeurons:ngram:", ("store_id", "ngram")),
+        query=(Field("ngram", "string", REQUIRED, "Token ids ('#12 #40' or '12,40') or text."),
+               Field("hook", "string", None, "One hook (default: every hook)."), Field("k", "integer", 10, "Neurons per hook.")),
+        reads=("count", "hooks"),
+    ),
+    Endpoint(
+        name="neuron_ngrams",
+        method="GET",
+        path="/v1/stores/{store_id}/reverse",
+        summary="The n-grams (1..n tokens) with the largest mean activation of a neuron.",
+        smalltalk=SmalltalkBinding("neuronNgrams:hook:neuron:", ("store_id", "hook", "neuron")),
+        query=(HOOK_QUERY, Field("neuron", "integer", REQUIRED, "The neuron (column)."),
+               Field("n", "integer", 3, "Longest n-gram."), Field("k", "integer", 10, "N-grams per length.")),
+        reads=("ngrams",),
+    ),
+    Endpoint(
+        name="logit_lens",
+        method="POST",
+        path="/v1/analysis/logit_lens",
+        summary="Every layer's residual read through the final norm and head: top tokens, the next token's rank, KL.",
+        smalltalk=SmalltalkBinding("logitLens:topK:", ("prompt", "top_k"), ("logitLens:",)),
+        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("top_k", "integer", 5, "Tokens per layer and position."), MODEL_FIELD),
+        reads=("layers", "tokens", "top_strings", "top_probs", "next_rank"),
+    ),
+    Endpoint(
+        name="attribution",
+        method="POST",
+        path="/v1/analysis/attribution",
+        summary="Direct logit attribution of logit(target) - logit(foil) to the embedding, layers and heads.",
+        smalltalk=SmalltalkBinding("attribution:target:foil:", ("prompt", "target", "foil"), ("attribution:",)),
+        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("target", "string", None, "A token (default: the top one)."),
+              Field("foil", "string", None, "A token (default: the runner-up)."), Field("position", "integer", -1, "The position read."),
+              MODEL_FIELD),
+        reads=("total", "terms", "target_string", "foil_string"),
+    ),
+    Endpoint(
+        name="head_scores",
+        method="POST",
+        path="/v1/analysis/heads",
+        summary="Per-head induction, duplicate-token, previous-token, entropy (and importance) scores.",
+        smalltalk=SmalltalkBinding("headScores:repeatLength:", ("prompt", "repeat_length"), ("headScores:",)),
+        body=(Field("prompt", "string", REQUIRED, PROMPT_DOC), Field("repeat_length", "integer", 20, "The repeated sequence's length."),
+              Field("importance", "boolean", False, "Also ablate each head on the prompt."), MODEL_FIELD),
+        reads=("tables", "ranked"),
+    ),
+    Endpoint(
+        name="patching",
+        method="POST",
+        path="/v1/analysis/patching",
+        summary="Activation patching: the fraction of the clean behaviour each (layer, position) restores.",
+        smalltalk=SmalltalkBinding("patchClean:corrupted:", ("clean", "corrupted")),
+        body=(Field("clean", "string", REQUIRED, PROMPT_DOC), Field("corrupted", "string", REQUIRED, "As many tokens as clean."),
+              Field("component", "string", "residual", "The site patched.", ("residual", "attention", "mlp", "resid_mid", "z")),
+              Field("metric", "string", "logit_diff", "What is recovered.", ("logit_diff", "prob")), MODEL_FIELD),
+        reads=("fractions", "layers", "columns", "clean_metric", "corrupted_metric"),
+    ),
+    Endpoint(
+        name="attach_sae",
+        method="POST",
+        path="/v1/models/{model_id}/saes",
+        summary="Attach an SAE (a folder under an --sae-root, or a Hub id): its features become a hook point.",
+        smalltalk=SmalltalkBinding("attachSae:topK:", ("source", "top_k"), ("attachSae:",)),
+        body=(Field("source", "string", REQUIRED, "A folder under an --sae-root or --model-root, or 'owner/name'."),
+              Field("top_k", "integer", None, "Capture only the k largest features per position.")),
+        reads=("id", "hook_id", "d_sae"),
+    ),
+    Endpoint(
+        name="list_saes",
+        method="GET",
+        path="/v1/models/{model_id}/saes",
+        summary="The SAEs attached to the model.",
+        smalltalk=SmalltalkBinding("saes"),
+        reads=("data",),
+    ),
+    Endpoint(
+        name="detach_sae",
+        method="DELETE",
+        path="/v1/models/{model_id}/saes/{sae_id}",
+        summary="Detach an SAE by its id.",
+        smalltalk=SmalltalkBinding("detachSae:", ("sae_id",)),
+        reads=("data",),
+    ),
+)
+
+# A neuron's histogram and the polysemantic ranking, read from a store like the queries above.
+STORE_ANALYSIS_ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        name="neuron_distribution",
+        method="GET",
+        path="/v1/stores/{store_id}/distribution",
+        summary="One neuron's histogram over the store's rows: edges, counts, quartiles, outliers, the online moments.",
+        smalltalk=SmalltalkBinding("neuronDistribution:hook:neuron:bins:", ("store_id", "hook", "neuron", "bins"),
+                                   ("neuronDistribution:hook:neuron:",)),
+        query=(HOOK_QUERY, Field("neuron", "integer", REQUIRED, "The neuron (column)."),
+               Field("bins", "integer", 64, "Equal bins between the neuron's online min and max.")),
+        reads=("edges", "counts", "range", "median", "sample_rows", "total_rows"),
+    ),
+    Endpoint(
+        name="polysemantic_neurons",
+        method="GET",
+        path="/v1/stores/{store_id}/polysemantic",
+        summary="A hook's neurons ranked by how many kinds of context their top examples fall into (clusters, token entropy).",
+        smalltalk=SmalltalkBinding("polysemanticNeurons:hook:top:", ("store_id", "hook", "top"), ("polysemanticNeurons:hook:",)),
+        query=(HOOK_QUERY, Field("top", "integer", 20, "Ranked neurons returned."),
+               Field("neurons", "string", None, "Neurons to score, as '3,17,40' (default: every neuron of the hook)."),
+               Field("k", "integer", None, "Top examples clustered per neuron (default: all the store kept)."),
+               Field("distance", "number", None, "The cosine distance at which clusters stop merging (the server's default: 0.5).")),
+        reads=("scored", "neurons"),
+    ),
+)
+
+# Corpus extraction as a job that writes a store under the server's --store-root, and steering vectors.
+JOB_FIELDS = ("id", "state", "store", "documents_total", "documents_done", "tokens_done")
+JOB_ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        name="start_extraction",
+        method="POST",
+        path="/v1/extract",
+        summary="Start an extraction job: the documents run through the model, the hooks' rows and statistics go to a new store.",
+        smalltalk=SmalltalkBinding("startExtraction:hooks:contextSize:batchSize:", ("documents", "hooks", "context_size", "batch_size"),
+                                   ("startExtraction:hooks:",)),
+        body=(Field("documents", "array", REQUIRED, "The corpus: one string per document."),
+              Field("hooks", "array", REQUIRED, "Hooks to store, as activation_hooks names them."),
+              Field("context_size", "integer", 1024, "Tokens per window; longer documents are split."),
+              Field("batch_size", "integer", 8, "Windows per forward pass."),
+              Field("max_tokens", "integer", None, "Stop after this many tokens."),
+              Field("dtype", "string", "float32", "The dtype rows are stored in.", ("float32", "float16", "bfloat16")),
+              Field("top_k", "integer", 20, "Top examples kept per neuron."),
+              MODEL_FIELD),
+        reads=JOB_FIELDS,
+    ),
+    Endpoint(
+        name="list_extractions",
+        method="GET",
+        path="/v1/extract",
+        summary="The server's extraction jobs, running and ended.",
+        smalltalk=SmalltalkBinding("extractions"),
+        reads=("data",),
+    ),
+    Endpoint(
+        name="extraction_progress",
+        method="GET",
+        path="/v1/extract/{job_id}",
+        summary="An extraction job's state (running, completed, cancelled, failed), documents and tokens done, tokens/s, ETA.",
+        smalltalk=SmalltalkBinding("extractionProgress:", ("job_id",)),
+        reads=JOB_FIELDS + ("error",),
+    ),
+    Endpoint(
+        name="cancel_extraction",
+        method="DELETE",
+        path="/v1/extract/{job_id}",
+        summary="Cancel an extraction job after its batch in flight; the store keeps its shards and stays resumable.",
+        smalltalk=SmalltalkBinding("cancelExtraction:", ("job_id",)),
+        reads=JOB_FIELDS,
+    ),
+    Endpoint(
+        name="steering_vector",
+        method="POST",
+        path="/v1/steering/vectors",
+        summary="The mean activation of positive prompts minus that of negative ones at a layer, with the intervention that adds it.",
+        smalltalk=SmalltalkBinding("steeringVectorLayer:positive:negative:", ("layer_name", "positive", "negative")),
+        body=(Field("layer_name", "string", REQUIRED, "The layer, named as in activation_hooks (a number or a name)."),
+              Field("positive", "array", REQUIRED, "Prompts with the property: strings or token-id lists."),
+              Field("negative", "array", REQUIRED, "Prompts without it."),
+              Field("component", "string", "residual", "The site averaged (a [d_model] component)."),
+              Field("position", "string", "mean", "Each prompt's positions averaged, or its last one.", ("mean", "last")),
+              Field("format", "string", "json", "How the vector is encoded.", ("json", "base64")),
+              MODEL_FIELD),
+        reads=("hook_id", "layer", "norm", "n_positive", "n_negative", "vector", "intervention"),
+    ),
+)
