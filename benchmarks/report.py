@@ -400,5 +400,12 @@ def write_report(r: dict[str, Any], path: Path) -> None:
     lines += ["## Other benchmarks", "",
               "Each writes its own generated report beside this one, from its own run:", "",
               "- `RESULTS-long-prompts.md`: prefill seconds and peak memory at 512 to 8192 prompt tokens against "
-              "transformers, and the ops of one layer in MLX against torch (`python -m benchmarks.long_prompts`).", ""]
+              "transformers, and the ops of one layer in MLX against torch (`python -m benchmarks.long_prompts`).",
+              "- `RESULTS-research.md`: corpus extraction tokens/s against hooks-off prefill, a run_with_cache loop, "
+              "transformers and TransformerLens, peak memory against corpus size and 2 data-parallel ranks "
+              "(`python -m benchmarks.extraction`); the neuron analyses' seconds and peak memory on a store of 1024 "
+              "neurons (`python -m benchmarks.store_analysis`); joined by `python -m benchmarks.research_report`.",
+              "- `RESULTS-sae.md`: TopK SAE training here against SAELens's trainer on the same batches (tokens/s, "
+              "held-out FVE and L0, peak memory), and decode tok/s with an SAE's top-k features streamed against hooks "
+              "off (`python -m benchmarks.sae_training`).", ""]
     path.write_text("\n".join(lines))
