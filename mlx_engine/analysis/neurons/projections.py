@@ -91,7 +91,11 @@ def project_positions(
     store: ActivationStore, hooks: Sequence[str], method: str = "pca", points: int = 1000, neuron: Optional[int] = None,
     seed: int = 0, text: Optional[TokenText] = None,
 ) -> Projection:
-    """Project up to `points` sampled rows (shared among the hooks, which must have one width) to 2-D."""
+    """Project up to `points` sampled rows (shared among the hooks, which must have one width) to 2-D.
+
+    The sample also holds at most SAMPLE_ELEMENTS values (64 MiB of float32), which bounds memory for wide
+    hooks: `info["points_per_hook"]` says how many rows were projected.
+    """
     hooks = check_hooks(store, hooks)
     widths = {store.hook_info(h)["width"] for h in hooks}
     if len(widths) != 1:
