@@ -10,6 +10,9 @@ from pathlib import Path
 
 from .config import ServerConfig
 
+# --rank-timeout: far beyond one forward pass or prefill chunk of a split model, short of forever.
+RANK_TIMEOUT_S = 60.0
+
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
@@ -34,6 +37,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace_s, metavar="SECONDS", help="on SIGINT/SIGTERM, how long open streams get to receive their final events")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="generations decoded together in one forward (continuous batching); 1: one at a time")
     parser.add_argument("--prompt-cache-mb", type=float, default=defaults.prompt_cache_mb, help="bytes of recent prompts' KV caches kept for prompts that share a prefix; 0: off")
+    parser.add_argument(
+        "--parallel", choices=("tensor", "pipeline"), default=None,
+        help="under mlx.launch (or MLX_RANK/MLX_HOSTFILE): split --model over the job's ranks (heads and units, or "
+        "blocks); rank 0 serves HTTP, the others follow it (no port). Generations run one at a time (continuous "
+        "batching off); loading other models, analyses, extraction and SAEs are refused. A job of one process "
+        "serves as without it",
+    )
+    parser.add_argument(
+        "--rank-timeout", type=float, default=RANK_TIMEOUT_S, metavar="SECONDS",
+        help="with --parallel: a generation whose forward passes or messages to the other ranks make no progress "
+        "this long has lost a rank (it fails with 503 rank_lost and the server exits 1)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -60,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace_s=args.shutdown_grace,
         max_batch_size=args.max_batch_size,
         prompt_cache_mb=args.prompt_cache_mb,
+        parallel=args.parallel,
     )
 
 
@@ -70,15 +86,68 @@ def run_serve(args: argparse.Namespace) -> int:
     cannot be interrupted), the process ends at once: letting the interpreter finalize
     under a thread inside MLX is what aborts.
     """
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    if config.parallel is not None:
+        return _serve_parallel(config, args.rank_timeout)
+    return run_config(config)
+
+
+def _serve_parallel(config: ServerConfig, rank_timeout_s: float) -> int:
+    """One rank of `serve --parallel`: rank 0 serves (server/parallel.py), the others follow it.
+
+    Rank 0 ends the process at once (after flushing) unless the job shut down cleanly: a
+    lost peer leaves the job's collectives in a state the interpreter's exit should not touch.
+    """
+    from dataclasses import replace
+
+    from ..distributed.launch import join_job
+
+    if rank_timeout_s <= 0:
+        raise ValueError(f"--rank-timeout must be a positive number of seconds, got {rank_timeout_s}")
+
+    group = join_job()
+    if group.size() == 1:
+        logging.getLogger("mlx_engine.server").info("--parallel %s outside a multi-process job: serving the whole model", config.parallel)
+        return run_config(replace(config, parallel=None))
+    if group.rank() > 0:
+        from ..distributed.serve import follower_main
+
+        return follower_main(config.model or "default", config.parallel or "tensor")
+    from ..distributed.serve import RankLostError
+    from .app import create_app
+    from .parallel import finish, lead
+    from .state import EXTENSION_KEY
     from .wsgi import serve
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not serve(config_from_args(args)):
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    config = replace(config, max_batch_size=1, prompt_cache_mb=0.0)  # lockstep: one generation at a time
+    app = create_app(config)
+    try:
+        lead(app, group, rank_timeout_s)
+    except RankLostError as exc:  # a rank failed to load its part (its own log says why)
+        print(f"error: {exc}", file=sys.stderr)
+        _exit_now(1)
+    engine_idle = serve(config, app)
+    code = finish(app.extensions[EXTENSION_KEY], engine_idle, _exit_now)
+    if code != 0 or not engine_idle:
+        _exit_now(code)
+    return code
+
+
+def run_config(config: ServerConfig) -> int:
+    """Serve `config` until SIGINT or SIGTERM (the ordinary server); 0 after a clean shutdown."""
+    from .wsgi import serve
+
+    if not serve(config):
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:

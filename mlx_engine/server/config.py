@@ -41,6 +41,8 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0  # SIGINT/SIGTERM: how long open streams get to receive their last events
     max_batch_size: int = 8  # generations decoded together in one forward (1: one at a time)
     prompt_cache_mb: float = 256.0  # KV caches of recent prompts, reused by prompts sharing a prefix; 0: off
+    # "tensor" | "pipeline": the startup model is split over the ranks of an mx.distributed job (server/parallel.py).
+    parallel: Optional[str] = None
 
     @property
     def capture_budget_bytes(self) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 
 from jinja2 import TemplateError
 
+from ..distributed.serve import Leader, RankLostError
 from ..generation.api import create_generator_with_activations
 from ..generation.harmony import HarmonyStreamParser, HarmonyTokens, Route
 from ..generation.loop import GenerationCancelled
@@ -171,13 +172,47 @@ class _HarmonyText:
 
 
 def run_generation(
-    plan: GenerationPlan, stream: EventStream, store: CaptureStore, budget_bytes: Optional[int], batcher: Optional[Batcher] = None
+    plan: GenerationPlan,
+    stream: EventStream,
+    store: CaptureStore,
+    budget_bytes: Optional[int],
+    batcher: Optional[Batcher] = None,
+    leader: Optional[Leader] = None,
 ) -> Optional[Adopt]:
     """The engine-thread job behind every completion request (see module docstring).
 
     With a `batcher`, a request that may be batched prefills here and returns the `Adopt`
-    that hands its decoding to the batch; any other runs to its end here.
+    that hands its decoding to the batch; any other runs to its end here. With a `leader`
+    (a model-parallel job) every generation runs through it, never batched: the other
+    ranks run each forward pass in lockstep with this one, which a batch's rows joining
+    and leaving between steps would break. A lost rank becomes a 503 naming it.
     """
+    try:
+        return _run_generation(plan, stream, store, budget_bytes, batcher, leader)
+    except RankLostError as exc:
+        raise _rank_lost(exc) from exc
+
+
+def _rank_lost(exc: RankLostError) -> APIError:
+    return APIError(str(exc), status=503, type="server_error", code="rank_lost")
+
+
+def _report_stall(stream: EventStream, exc: RankLostError) -> None:
+    """From the leader's watchdog: this thread is stuck in a collective, so the error goes to the reader from there."""
+    try:
+        stream.emit(_rank_lost(exc))
+    except Cancelled:
+        pass  # the reader is gone already
+
+
+def _run_generation(
+    plan: GenerationPlan,
+    stream: EventStream,
+    store: CaptureStore,
+    budget_bytes: Optional[int],
+    batcher: Optional[Batcher],
+    leader: Optional[Leader],
+) -> Optional[Adopt]:
     kit = plan.model.kit
     prompt_ids = _prompt_ids(plan)
     limits = plan.model.limits
@@ -204,7 +239,10 @@ def run_generation(
         return stream.cancelled
 
     pairs: Optional[Iterator[tuple[Any, Any]]] = None
-    if batcher is None or not batcher.accepts(kit, plan.hooks or [], edits):
+    if leader is not None:
+        on_stall = partial(_report_stall, stream)
+        pairs = leader.generate(kit, prompt_ids, plan.hooks or [], interventions=edits, should_stop=should_stop, on_stall=on_stall, **kwargs)
+    elif batcher is None or not batcher.accepts(kit, plan.hooks or [], edits):
         pairs = create_generator_with_activations(kit, prompt_ids, plan.hooks or [], interventions=edits, should_stop=should_stop, **kwargs)
     capture_id = f"cap-{uuid.uuid4().hex}" if plan.hooks is not None else None
 

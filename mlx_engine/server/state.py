@@ -36,6 +36,8 @@ class ServerState:
     redact: Redactor
     # Set on SIGINT/SIGTERM: readers end their streams, new requests get 503 (shutdown.py).
     stopping: threading.Event = field(default_factory=threading.Event)
+    # A model-parallel job's rank-0 Leader (distributed/serve.py; server/parallel.py sets it): generations run through it.
+    leader: Optional[Any] = None
 
     @classmethod
     def create(cls, config: ServerConfig) -> "ServerState":
@@ -53,7 +55,7 @@ class ServerState:
             # Checked again here, in queue order: two requests for one model load it once.
             if model_id is not None and (already := self.registry.find(model_id)) is not None:
                 return already
-            kit = load_model(target)
+            kit = load_model(target, parallel=self.config.parallel)
             served_id = model_id or kit.model_id
             existing = self.registry.find(served_id)
             if existing is not None:
@@ -83,7 +85,7 @@ class ServerState:
         """
         plan.check_length()
         budget = self.config.capture_budget_bytes if self.config.capture_budget_mb > 0 else None
-        job = partial(run_generation, plan, store=self.store, budget_bytes=budget, batcher=self.engine.batcher)
+        job = partial(run_generation, plan, store=self.store, budget_bytes=budget, batcher=self.engine.batcher, leader=self.leader)
         stream = self.engine.stream(plan.request_id, job)
         disconnected = request.environ.get("waitress.client_disconnected")
         return started(read_events(stream, disconnected, self.stopping.is_set))

@@ -6,6 +6,7 @@ from flask import Blueprint, Response, jsonify
 
 from ..openapi import operation
 from ..loaded_models import resolve_load_request
+from ..parallel import refusal
 from ..schemas.requests import ModelLoadRequest, ModelUnloadRequest
 from ..schemas.responses import HookPointsResponse, ModelDeleted, ModelObject
 from ..state import parse_body, state
@@ -19,6 +20,8 @@ TAGS = ("Models",)
 def load() -> Response:
     req = parse_body(ModelLoadRequest)
     st = state()
+    if st.leader is not None and st.registry.find(req.model) is None:
+        raise refusal(st, "Loading another model")  # the other ranks hold parts of the served model only
     target, model_id = resolve_load_request(req.model, st.config.model_roots, st.config.allow_hub_models)
     existing = st.registry.find(model_id)
     loaded = existing if existing is not None else st.load(target, model_id)
@@ -30,6 +33,8 @@ def load() -> Response:
 def unload() -> Response:
     req = parse_body(ModelUnloadRequest)
     st = state()
+    if st.leader is not None:
+        raise refusal(st, "Unloading the model")
     st.registry.get(req.model)  # 404 before queueing behind running generations
     st.unload(req.model)
     return jsonify({"id": req.model, "object": "model", "deleted": True})
