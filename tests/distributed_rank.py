@@ -3,15 +3,19 @@
 Run as a script by tests/test_distributed_tensor.py, once per rank, with MLX_RANK and
 MLX_HOSTFILE set (ring backend over 127.0.0.1):
 
-    python tests/distributed_rank.py CHECKPOINT OUT_DIR [tensor|pipeline]
+    python tests/distributed_rank.py CHECKPOINT|JOBS.json OUT_DIR [tensor|pipeline]
 
 It loads CHECKPOINT with `parallel=` the mode (tensor unless given), runs `scenarios`, and
 writes OUT_DIR/rank{r}.npz (tests/test_distributed_pipeline.py runs it with "pipeline").
+Given a JSON file of {name: checkpoint} instead, one job runs every checkpoint in turn and
+writes OUT_DIR/name/rank{r}.npz: the ranks start (and import MLX, transformers, torch) once
+for the whole matrix instead of once per checkpoint.
 The parent test runs the same `scenarios` on an ordinary load and compares the files.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -130,13 +134,27 @@ def scenarios(kit: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    checkpoint, out_dir = Path(argv[1]), Path(argv[2])
+    target, out_dir = Path(argv[1]), Path(argv[2])
     parallel = argv[3] if len(argv) > 3 else "tensor"
-    import mlx_engine  # before MLX: it binds MLX's CPU backend to OpenBLAS first
+    import mlx_engine  # noqa: F401  (before MLX: it binds MLX's CPU backend to OpenBLAS first)
 
     import mlx.core as mx
 
     group = mx.distributed.init(backend="ring", strict=True)
+    jobs = json.loads(target.read_text()) if target.suffix == ".json" else {"": str(target)}
+    for name, checkpoint in jobs.items():
+        folder = out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        run_checkpoint(Path(checkpoint), folder, parallel, group)
+        gc.collect()
+        mx.clear_cache()
+    return 0
+
+
+def run_checkpoint(checkpoint: Path, out_dir: Path, parallel: str, group: Any) -> None:
+    """Load one checkpoint split over the job's ranks, run the scenarios, write this rank's file."""
+    import mlx_engine
+
     kit = mlx_engine.load_model(checkpoint, parallel=parallel)
     out = scenarios(kit)
     out["world"] = np.array([group.rank(), group.size()])
@@ -149,7 +167,7 @@ def main(argv: list[str]) -> int:
         out["held_blocks"] = np.array([not isinstance(b, AbsentBlock) for b in kit.model.layers])
         out["parameters"] = np.array(sorted(k for k, _ in tree_flatten(kit.model.parameters())))
         np.savez(out_dir / f"rank{group.rank()}.npz", **out)
-        return 0
+        return
     from mlx_engine.distributed import adapter_for
 
     layout = adapter_for(kit.arch_info.model_type)
@@ -158,7 +176,6 @@ def main(argv: list[str]) -> int:
     out["local_heads"] = np.array([getattr(attn, layout.heads[0]), getattr(attn, layout.heads[-1])])
     out["layer_classes"] = np.array(json.dumps(sorted({type(m).__name__ for _, m in kit.model.named_modules()})))
     np.savez(out_dir / f"rank{group.rank()}.npz", **out)
-    return 0
 
 
 if __name__ == "__main__":

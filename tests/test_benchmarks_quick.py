@@ -33,6 +33,8 @@ if str(REPO) not in sys.path:
 from benchmarks.harness import BASE_CONTENDERS  # noqa: E402
 from benchmarks.report import target_rows, write_report  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 COMMITTED = REPO / "benchmarks" / "RESULTS.md"
 COMMITTED_JSON = REPO / "benchmarks" / "results.json"
 KeyPath = tuple[Union[str, int], ...]

@@ -22,6 +22,8 @@ if str(REPO) not in sys.path:
 
 from benchmarks import extraction, research_report, store_analysis  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 UNITS = ("tokens_per_s", "seconds", "peak_rss_bytes", "rss_before_bytes", "store_bytes", "tokens")
 
 

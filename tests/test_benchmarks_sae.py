@@ -26,6 +26,8 @@ if str(REPO) not in sys.path:
 from benchmarks import sae_training  # noqa: E402
 from benchmarks.sae_trainers import heldout_metrics  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install sae-lens: the test extra)")
 
 KeyPath = tuple[Union[str, int], ...]

@@ -45,6 +45,8 @@ from mlx_engine.demo.pictures import attention_layout, residual_norms
 from mlx_engine.loading import DEFAULT_MODEL_DIR
 from mlx_engine.wire.files import parse_tensor_key
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 OUTPUT_FILES = (NEUROSCOPE_FILE, CAPTURE_FILE, SMALLTALK_FILE, RESIDUAL_PNG, RESIDUAL_SVG, ATTENTION_PNG, ATTENTION_SVG, INDEX_FILE, SUMMARY_FILE)
 FOLDER_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 MAX_TOKENS = 12

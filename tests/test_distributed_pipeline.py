@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 import tiny_checkpoints as tc
-from test_distributed_tensor import RANKS, _close, _compare, quantized, run_ranks, single_process
+from test_distributed_tensor import RANKS, _close, _compare, build_matrix, quantized, run_matrix, single_process
+
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 
 def gemma3(tmp: Path) -> Path:
     from test_gemma3 import build_gemma3
@@ -44,13 +47,20 @@ CHECKPOINTS = {
 EDITS = ["residual_steer", "z_ablate_last", "units_add"]
 
 
-@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
-def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    tmp = tmp_path_factory.mktemp(f"pipe_{request.param}")
-    checkpoint = CHECKPOINTS[request.param](tmp)
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], dict[str, list[dict[str, Any]]]]:
+    """The checkpoints, and each one's results from one pipeline job over them all."""
+    tmp = tmp_path_factory.mktemp("pipe")
+    checkpoints = build_matrix(CHECKPOINTS, tmp)
     out_dir = tmp / "out"
     out_dir.mkdir()
-    return request.param, single_process(checkpoint), run_ranks(checkpoint, out_dir, parallel="pipeline")
+    return checkpoints, run_matrix(checkpoints, out_dir, parallel="pipeline")
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def job(request: pytest.FixtureRequest, matrix) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    checkpoints, ranks = matrix
+    return request.param, single_process(checkpoints[request.param]), ranks[request.param]
 
 
 def test_each_rank_holds_a_contiguous_range_of_blocks_and_only_their_weights(job) -> None:

@@ -26,6 +26,8 @@ import pytest
 import tiny_checkpoints as tc
 from test_distributed_tensor import _compare, free_ports
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 SCRIPT = Path(__file__).parent / "distributed_serve_rank.py"
 TIMEOUT_S = 120
 ERROR_WITHIN_S = 30  # a lost peer surfaces at the next collective; the ring backend reports it at once

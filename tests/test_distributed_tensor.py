@@ -29,10 +29,13 @@ import numpy as np
 import pytest
 import tiny_checkpoints as tc
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 ATOL = 1e-4
 RTOL = 1e-4
 RANKS = 2
 JOB_TIMEOUT_S = 120
+PER_CHECKPOINT_S = 60  # a matrix job's timeout grows with its checkpoints
 RANK_SCRIPT = Path(__file__).parent / "distributed_rank.py"
 
 
@@ -50,10 +53,25 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def run_matrix(
+    checkpoints: dict[str, Path], out_dir: Path, parallel: str = "tensor", n: int = RANKS
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """One n-rank job that runs every checkpoint in turn; each checkpoint's results, by rank.
+
+    The ranks start once for the whole matrix: most of a rank's start is importing MLX,
+    transformers and torch, which per checkpoint would cost more than the checkpoint itself.
+    """
+    jobs = out_dir / "jobs.json"
+    jobs.write_text(json.dumps({name: str(path) for name, path in checkpoints.items()}))
+    run_ranks(jobs, out_dir, n=n, timeout=JOB_TIMEOUT_S + PER_CHECKPOINT_S * len(checkpoints), parallel=parallel, read=False)
+    return {name: [dict(np.load(out_dir / name / f"rank{r}.npz")) for r in range(n)] for name in checkpoints}
+
+
 def run_ranks(
-    checkpoint: Path, out_dir: Path, n: int = RANKS, timeout: float = JOB_TIMEOUT_S, parallel: str = "tensor"
+    checkpoint: Path, out_dir: Path, n: int = RANKS, timeout: float = JOB_TIMEOUT_S, parallel: str = "tensor",
+    read: bool = True,
 ) -> list[dict[str, np.ndarray]]:
-    """Run the rank script as an n-rank ring job on 127.0.0.1; every rank's results, by rank."""
+    """Run the rank script as an n-rank ring job on 127.0.0.1; every rank's results, by rank (with `read`)."""
     hostfile = out_dir / "hosts.json"
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in free_ports(n)]))
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -81,7 +99,7 @@ def run_ranks(
             text.append(f"--- rank {r} ---\n{log.read()[-4000:]}")
     if codes is None or any(codes):
         pytest.fail(f"rank job failed (exit codes {codes}, timeout {timeout}s):\n" + "\n".join(text))
-    return [dict(np.load(out_dir / f"rank{r}.npz")) for r in range(n)]
+    return [dict(np.load(out_dir / f"rank{r}.npz")) for r in range(n)] if read else []
 
 
 def single_process(checkpoint: Path) -> dict[str, Any]:
@@ -152,14 +170,26 @@ CHECKPOINTS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
-def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    """(name, single-process results, each rank's results) for one tiny checkpoint."""
-    tmp = tmp_path_factory.mktemp(request.param)
-    checkpoint = CHECKPOINTS[request.param](tmp)
+def build_matrix(builders: dict[str, Any], tmp: Path) -> dict[str, Path]:
+    """Each builder's checkpoint, in a folder of its own."""
+    return {name: build(tmp / name) for name, build in builders.items()}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], dict[str, list[dict[str, Any]]]]:
+    """Every tiny checkpoint, and each one's results from one tensor-parallel job over them all."""
+    tmp = tmp_path_factory.mktemp("tensor")
+    checkpoints = build_matrix(CHECKPOINTS, tmp)
     out_dir = tmp / "out"
     out_dir.mkdir()
-    return request.param, single_process(checkpoint), run_ranks(checkpoint, out_dir)
+    return checkpoints, run_matrix(checkpoints, out_dir)
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def job(request: pytest.FixtureRequest, matrix) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """(name, single-process results, each rank's results) for one tiny checkpoint."""
+    checkpoints, ranks = matrix
+    return request.param, single_process(checkpoints[request.param]), ranks[request.param]
 
 
 def _close(name: str, key: str, got: np.ndarray, want: np.ndarray) -> None:

@@ -27,6 +27,8 @@ from PIL import Image
 from mlx_engine.analysis.neurons.projections import umap_available
 from mlx_engine.cli import main
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 HOOKS = ["layers.0.residual", "layers.1.residual", "layers.2.residual", "layers.3.residual", "layers.3.router"]
 DEAD_AT = 3.0  # "dead": never above this (the residual stream has no unit that is never positive)
 CHARS = 1400  # of each held-out file: the corpus stays small enough for a quick test

@@ -55,7 +55,7 @@ def base_url(roots: dict[str, str]) -> Iterator[str]:
 def test_ci_runs_the_readme_commands() -> None:
     demo, tests = ci_block("demo"), ci_block("test")
     assert "pip install -e ." in demo and demo.endswith("mlx-engine demo")
-    assert 'pip install -e ".[test]"' in tests and tests.endswith("python -m pytest -q")
+    assert 'pip install -e ".[test]"' in tests and tests.endswith("python -m pytest -q -n auto --maxprocesses 4 --dist loadfile")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_command demo" in ci and "readme_command test" in ci
 

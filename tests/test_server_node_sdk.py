@@ -22,6 +22,8 @@ from test_server_http import start_server
 import mlx_engine
 from mlx_engine.wire.codec import decode_capture
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 NODE_DIR = Path(__file__).resolve().parent / "node"
 KEY = "sk-node-5c2e"
 USER = [{"role": "user", "content": "Write the json encoder."}]  # as in openai_check.mjs

@@ -35,6 +35,8 @@ from test_store_resume import api_hooks, command, corpus_lines
 
 from mlx_engine.store.reader import ActivationStore
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 RANKS = 2
 JOB_TIMEOUT_S = 90
 MOMENT_RTOL = 1e-9

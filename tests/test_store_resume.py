@@ -27,6 +27,8 @@ from mlx_engine.store.errors import CorpusError, StoreError, StoreMismatchError
 from mlx_engine.store.reader import ActivationStore
 from mlx_engine.store.stats import STATE_FIELDS
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
+
 HOOKS = ["layers.1.residual", '{"layer_name": 2, "component": "mlp_post", "indices": [3, 9, 1]}']
 OPTIONS = ["--context-size", "24", "--batch-size", "4", "--shard-tokens", "1500", "--top-k", "6"]
 
