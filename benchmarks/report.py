@@ -407,5 +407,8 @@ def write_report(r: dict[str, Any], path: Path) -> None:
               "neurons (`python -m benchmarks.store_analysis`); joined by `python -m benchmarks.research_report`.",
               "- `RESULTS-sae.md`: TopK SAE training here against SAELens's trainer on the same batches (tokens/s, "
               "held-out FVE and L0, peak memory), and decode tok/s with an SAE's top-k features streamed against hooks "
-              "off (`python -m benchmarks.sae_training`).", ""]
+              "off (`python -m benchmarks.sae_training`).",
+              "- `RESULTS-concurrency.md`: aggregate tokens/s and latency of 1 to 16 concurrent streaming clients against "
+              "ours (plain and with a residual capture) and mlx-lm's server, and time to first token of a repeated long "
+              "prompt with and without the prompt cache (`python -m benchmarks.concurrency`).", ""]
     path.write_text("\n".join(lines))
