@@ -11,7 +11,10 @@ Equality with the one-process store (tests/test_store_resume.py's corpus and set
 - mean, variance, skewness, kurtosis, participation ratio: relative 1e-9 (float64 moments
   merged across ranks in another order than folded batch by batch: rounding only).
 A job killed with SIGKILL after both ranks committed a shard resumes, with the same
-command, to the same store; a folder rank 0 refuses stops rank 1 with an error too.
+command, to the same store; a folder rank 0 refuses stops rank 1 with an error too; a rank
+left alone by a killed or frozen peer exits 1 (the ring's error, or after --rank-timeout)
+instead of waiting forever, and the job resumes from what both ranks committed. The timeout wrapper itself (CollectiveBound)
+is tested without processes: a wait that never returns, and waits that do.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,6 +38,9 @@ import numpy as np
 import pytest
 from test_store_resume import api_hooks, command, corpus_lines
 
+from mlx_engine.cli import main
+from mlx_engine.store.errors import StoreError
+from mlx_engine.store.ranks import AFTER_LOSS, RANK_LOST_EXIT, CollectiveBound, RankGroup
 from mlx_engine.store.reader import ActivationStore
 
 pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
@@ -77,12 +85,14 @@ def rank_command(checkpoint: Path, corpus: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "mlx_engine.cli", *args[:at], *CLI_OPTIONS, "--no-progress"]
 
 
-def start_ranks(checkpoint: Path, corpus: Path, out: Path, logs: Path) -> list[subprocess.Popen]:
+def start_ranks(checkpoint: Path, corpus: Path, out: Path, logs: Path,
+                extra: Optional[dict[int, list[str]]] = None) -> list[subprocess.Popen]:
+    """Every rank's process; `extra`: more command-line arguments for some ranks."""
     hostfile = logs / "hosts.json"
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in free_ports(RANKS)]))
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return [
-        subprocess.Popen(rank_command(checkpoint, corpus, out), env={**env, "MLX_RANK": str(r)},
+        subprocess.Popen([*rank_command(checkpoint, corpus, out), *(extra or {}).get(r, [])], env={**env, "MLX_RANK": str(r)},
                          stdout=open(logs / f"rank{r}.log", "w"), stderr=subprocess.STDOUT)
         for r in range(RANKS)
     ]
@@ -105,8 +115,11 @@ def wait_ranks(procs: list[subprocess.Popen], logs: Path, expect: int = 0) -> No
     finally:
         stop(procs)
     if codes is None or any(c != expect for c in codes):
-        text = "\n".join(f"--- rank {r} ---\n{(logs / f'rank{r}.log').read_text()[-3000:]}" for r in range(RANKS))
-        pytest.fail(f"2-rank extraction {'timed out' if codes is None else f'exited {codes}'}:\n{text}")
+        pytest.fail(f"2-rank extraction {'timed out' if codes is None else f'exited {codes}'}:\n{log_tails(logs)}")
+
+
+def log_tails(logs: Path) -> str:
+    return "\n".join(f"--- rank {r} ---\n{(logs / f'rank{r}.log').read_text()[-3000:]}" for r in range(RANKS))
 
 
 def assert_same_store(got: ActivationStore, expected: ActivationStore) -> None:
@@ -184,3 +197,89 @@ def test_a_refusal_on_rank_0_stops_every_rank(llama_checkpoint: Path, corpus: Pa
     assert "other settings (differing: rank_chunk_batches, world_size)" in (tmp_path / "rank0.log").read_text()
     assert "Rank 0 of the data-parallel job refused the store folder" in (tmp_path / "rank1.log").read_text()
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_lost_rank_ends_the_rank_waiting_for_it(llama_checkpoint: Path, corpus: Path, reference: ActivationStore,
+                                                  tmp_path: Path, stop_signal: signal.Signals) -> None:
+    """Rank 1 stops after its first commit; rank 0 ends its own batches, then needs rank 1 in the
+    next collective. Killed (SIGKILL), rank 1's sockets close: the ring fails that collective, or,
+    had its socket thread given up first, the collective would wait forever and the watchdog ends
+    it. Frozen (SIGSTOP: a machine gone without closing its sockets), the collective never
+    returns: only the watchdog ends it, after --rank-timeout. Either way rank 0 exits 1 promptly
+    with a message naming the step; what both ranks committed is kept, and the same command on
+    both ranks resumes to the one-process store."""
+    out = tmp_path / "store"
+    procs = start_ranks(llama_checkpoint, corpus, out, tmp_path, extra={0: ["--rank-timeout", "5"]})
+    code: Optional[int] = None
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not committed(out, 1):
+            if any(p.poll() is not None for p in procs):
+                pytest.fail(f"a rank ended before rank 1 was killed:\n{log_tails(tmp_path)}")
+            assert time.monotonic() < deadline, "rank 1 committed no shard in time"
+            time.sleep(0.02)
+        procs[1].send_signal(stop_signal)
+        killed = time.monotonic()
+        try:
+            code = procs[0].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still waits 60 s after rank 1 was killed:\n{log_tails(tmp_path)}")
+        assert time.monotonic() - killed < 60
+    finally:
+        stop(procs)
+    log = (tmp_path / "rank0.log").read_text()
+    assert code == RANK_LOST_EXIT, log[-3000:]
+    waited = "error: rank 0 waited 5 s for the other ranks at 'extracting its batches': " + AFTER_LOSS
+    failed = "error: rank 0 lost the other ranks at 'extracting its batches' ("
+    assert waited in log or (stop_signal == signal.SIGKILL and failed in log and AFTER_LOSS in log), log[-3000:]
+    store = ActivationStore.open(out)
+    assert store.manifest["status"] == "incomplete" and store.num_tokens == 0  # merged only when the job ends
+    for r in range(RANKS):
+        record = json.loads((out / "ranks" / f"rank{r:04d}.json").read_text())
+        assert record["shards"] and all((out / s["file"]).is_file() for s in record["shards"]), r
+    wait_ranks(start_ranks(llama_checkpoint, corpus, out, tmp_path), tmp_path)
+    store = ActivationStore.open(out)
+    assert max(m["timings"]["runs"] for m in store.manifest["ranks"]) >= 2, "the second job resumed"
+    assert_same_store(store, reference)
+
+
+def test_a_collective_that_never_returns_ends_the_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    """The watchdog's report comes from its own thread while the waiting one stays stuck: settle
+    first (the writer's commit done), then the message on stderr, then the exit."""
+    exits: "queue.Queue[int]" = queue.Queue()
+    settled = threading.Event()
+    bound = CollectiveBound(3, 0.2, settle=settled.set, exit=exits.put)
+    try:
+        with bound.waiting("gathering the records and statistics"):
+            code = exits.get(timeout=30)  # a collective stuck until the process ends
+    finally:
+        bound.close()
+    assert code == RANK_LOST_EXIT and settled.is_set()
+    err = capsys.readouterr().err
+    assert f"error: rank 3 waited 0.2 s for the other ranks at 'gathering the records and statistics': {AFTER_LOSS}" in err
+
+
+def test_collectives_that_return_never_end_the_rank() -> None:
+    """Only the time inside a collective counts: the work between two (a rank's batches) is not a wait."""
+    exits: "queue.Queue[int]" = queue.Queue()
+    bound = CollectiveBound(0, 0.2, exit=exits.put)
+    try:
+        for what in ("checking the input", "extracting its batches"):
+            with bound.waiting(what):
+                pass
+            time.sleep(0.5)  # longer than the timeout, outside any collective
+    finally:
+        bound.close()
+    assert exits.empty()
+
+
+def test_one_rank_is_not_bounded_and_bad_timeouts_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert RankGroup(None, 0, 1).bounded(5.0).bound is None
+    for bad in (0, -1.0, float("nan"), float("inf"), "600", True):
+        with pytest.raises(StoreError, match="rank_timeout_s must be a positive number of seconds"):
+            mlx_engine.extract("no-model-needed", ["text"], ["layers.0.residual"], tmp_path / "store", rank_timeout_s=bad)
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["extract", "--data", "x.txt", "--hooks", "layers.0.residual", "--out", str(tmp_path / "store"), "--rank-timeout", "0"])
+    assert exc.value.code == 2 and "not a positive number of seconds: 0" in capsys.readouterr().err

@@ -28,6 +28,7 @@ class Watchdog:
         self._busy = False
         self._last = time.monotonic()
         self._fired = False
+        self._stopped = False
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
@@ -43,11 +44,18 @@ class Watchdog:
         with self._lock:
             self._last = time.monotonic()
 
+    def stop(self) -> None:
+        """No more watching (the work is over): the thread ends within a period and never fires."""
+        with self._lock:
+            self._busy, self._stopped = False, True
+
     def _run(self) -> None:
         period = min(1.0, self.timeout_s / 10)
         while True:
             time.sleep(period)
             with self._lock:
+                if self._stopped:
+                    return
                 stalled = time.monotonic() - self._last
                 fire = self._busy and not self._fired and stalled > self.timeout_s
                 self._fired |= fire

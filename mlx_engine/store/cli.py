@@ -18,6 +18,16 @@ def _hook(text: str) -> Any:
     return text
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text}")
+    return value
+
+
 def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract",
@@ -44,6 +54,10 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-tokens", type=int, default=None, help="rows per shard (default: about 256 MiB per shard)")
     p.add_argument("--top-k", type=int, default=20, help="top examples kept per neuron")
     p.add_argument("--active-threshold", type=float, default=0.0, help="a neuron is active where its value exceeds this")
+    p.add_argument("--rank-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="in a data-parallel job: how long a rank waits for the others at one step before it concludes "
+                   "that one has stopped and exits 1 (its committed shards kept). A legitimate wait is another rank "
+                   "finishing its last chunks, so keep it well above the time of a shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 
@@ -53,18 +67,19 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from ..loading import ModelLoadError
     from .errors import StoreError, StoreWriteError
     from .extract import extract
+    from .ranks import RankLostError
 
     try:
         store = extract(
             args.model, args.data, args.hooks, args.out, context_size=args.context_size, batch_size=args.batch_size,
             max_tokens=args.max_tokens, dtype=args.dtype, text_field=args.text_field, packed=args.packed,
             shard_tokens=args.shard_tokens, top_k=args.top_k, active_threshold=args.active_threshold,
-            progress=not args.no_progress,
+            progress=not args.no_progress, rank_timeout_s=args.rank_timeout,
         )
     except (StoreError, HookSpecError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (StoreWriteError, OSError) as exc:
+    except (StoreWriteError, RankLostError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -34,7 +34,7 @@ from .manifest import (
     DOCUMENTS, FORMAT, MANIFEST, RANKS_DIR, SHARDS_DIR, STATE_DIR, STATS_DIR, checkpoint_files, discard_uncommitted,
     existing_manifest, fingerprint, hook_file, rank_record, read_manifest, sha256_files, tokenizer_record, versions,
 )
-from .ranks import RankGroup, chunk_batches, merge_ranks, owner, pack_rank, unpack_rank
+from .ranks import RANK_TIMEOUT_S, RankGroup, chunk_batches, merge_ranks, owner, pack_rank, unpack_rank
 from .reader import ActivationStore
 from .recorder import STORE_DTYPES, StoredHook, storable
 from .run import ExtractionRun, now
@@ -222,6 +222,7 @@ def extract(
     active_threshold: float = 0.0,
     progress: bool = True,
     queue_size: int = 4,
+    rank_timeout_s: float = RANK_TIMEOUT_S,
 ) -> Optional[ActivationStore]:
     """Write every row of `hooks` over `documents` to the store `out_dir` and return it, opened.
 
@@ -236,11 +237,21 @@ def extract(
     every rank runs its share of the batches into the same folder and rank 0 writes the
     one manifest (store/ranks.py). Ranks other than 0 return the store when the folder is
     shared with rank 0, else None (their shards are to be copied into rank 0's folder).
+    A rank that waits longer than `rank_timeout_s` seconds for the others in one step
+    concludes that one has stopped and exits with status 1 (store/ranks.py); a legitimate
+    wait is another rank finishing its last chunks, so keep it well above a shard's time.
     """
     options = _options(context_size, batch_size, max_tokens, dtype, packed, shard_tokens, top_k, active_threshold)
+    if isinstance(rank_timeout_s, bool) or not isinstance(rank_timeout_s, (int, float)) or not 0 < rank_timeout_s < float("inf"):
+        raise StoreError(f"rank_timeout_s must be a positive number of seconds, got {rank_timeout_s!r}.")
     ranks = RankGroup.current()
     if ranks.distributed:
-        return extract_ranks(kit, documents, hooks, out_dir, options, text_field, ranks, progress, queue_size)
+        runs: list[ExtractionRun] = []  # the settle step of a timeout: stop the writer, its commit in progress done
+        ranks = ranks.bounded(rank_timeout_s, settle=lambda: [run.abort() for run in runs])
+        try:
+            return extract_ranks(kit, documents, hooks, out_dir, options, text_field, ranks, progress, queue_size, runs)
+        finally:
+            ranks.close()
     job = start_extraction(kit, documents, hooks, out_dir, text_field=text_field, progress=progress, queue_size=queue_size, **options)
     if job.run is not None:
         job.run.run_to_end()
@@ -266,8 +277,12 @@ def _create_store(out: Path, manifest: dict[str, Any]) -> None:
 def extract_ranks(
     kit: Union[ModelKit, str, Path], documents: Any, hooks: Iterable[HookRequest], out_dir: Union[str, Path],
     options: dict[str, Any], text_field: str, ranks: RankGroup, progress: bool, queue_size: int,
+    runs: Optional[list[ExtractionRun]] = None,
 ) -> Optional[ActivationStore]:
-    """`extract` on one rank of a data-parallel job (store/ranks.py): every step agreed by all ranks."""
+    """`extract` on one rank of a data-parallel job (store/ranks.py): every step agreed by all ranks.
+
+    The run is appended to `runs` once it exists (what a bounded group's timeout settles).
+    """
     out, r = Path(out_dir).expanduser(), ranks.rank
     error: Optional[BaseException] = None
     try:
@@ -285,7 +300,7 @@ def extract_ranks(
             complete = int(manifest["status"] == "complete")
         except BaseException as exc:
             error = exc
-    status = ranks.exchange([int(error is not None), complete])
+    status = ranks.exchange([int(error is not None), complete], "opening the store folder")
     if error is not None:
         raise error
     if status[0, 0]:
@@ -300,12 +315,14 @@ def extract_ranks(
         run = ExtractionRun(kit, corpus, stored, out, record, states, settings, total_documents=summary.documents,
                             record=rank_record(r), owns=lambda i: owner(i, chunk, world) == r,
                             chunk_end=lambda i: (i + 1) % chunk == 0, rank=r, progress=progress, queue_size=queue_size)
+        if runs is not None:
+            runs.append(run)
         run.run_to_end()
     except BaseException as exc:
         error = exc
     ranks.agree(error, "extracting its batches")
     assert run is not None
-    payloads = ranks.gather_bytes(pack_rank(record, run.writer.states))
+    payloads = ranks.gather_bytes(pack_rank(record, run.writer.states), "gathering the records and statistics")
     if r == 0:
         try:
             assert manifest is not None

@@ -19,8 +19,18 @@ float64 rounding) and writes the one manifest that lists every rank's shards.
 Every decision that could fail on one rank (bad input, a refused folder, a write
 error) is followed by `agree`, an all_gather of each rank's status, so a failure on one
 rank becomes an error on all of them instead of leaving the others waiting in a
-collective. A rank that dies outright does leave them waiting: stop the job (mlx.launch
-does) and re-run the same command, which resumes every rank.
+collective. A rank that dies outright (killed, out of memory, its machine gone) cannot
+agree to anything: the ring backend fails a transfer in flight, but a collective started
+after its socket thread gave up waits forever (distributed/watchdog.py), and a peer whose
+sockets stay open (a frozen process, a machine gone off the network) is never noticed. So every
+collective of a bounded group (`RankGroup.bounded`) runs under a watchdog: not returned
+after `timeout_s`, the rank prints which step it was waiting at and exits 1. The wait
+cannot be interrupted (the thread is inside C++), hence `os._exit`, and that is safe
+because no collective runs while the writer thread is busy: every commit the rank made is
+already durable (a shard, then its record, each renamed into place), and `settle` makes
+sure of it before the exit. A failed transfer ends the same way, as a RankLostError. The
+timeout must outlast a legitimate wait: another rank finishing its last chunks. Re-run the
+same command on every rank: each resumes after its last committed shard.
 """
 
 from __future__ import annotations
@@ -28,13 +38,70 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+import os
+import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from ..distributed.watchdog import Watchdog
 from .errors import StoreError
 from .stats import NeuronStats
+
+RANK_TIMEOUT_S = 600.0  # a legitimate wait is another rank finishing its last chunks: generous
+RANK_LOST_EXIT = 1  # the exit status of a rank that gave up on the others (the run failed; the input was fine)
+AFTER_LOSS = ("a rank has stopped; the shards committed so far are kept; re-run the same command on every rank to "
+              "resume")
+
+
+class RankLostError(RuntimeError):
+    """A collective failed because another rank went away; every shard committed so far is intact."""
+
+
+class CollectiveBound:
+    """Ends this process when one of its collectives has not returned after `timeout_s`.
+
+    A watchdog (distributed/watchdog.py) counts only while a collective runs. When it
+    fires, from its own thread, `settle` runs first (it waits for a commit in progress, if
+    any), then the error goes to stderr and `exit(RANK_LOST_EXIT)` ends the process: the
+    stuck call never returns, so nothing on the waiting thread could report it.
+    """
+
+    def __init__(self, rank: int, timeout_s: float, settle: Callable[[], object] = lambda: None,
+                 exit: Callable[[int], Any] = os._exit) -> None:
+        self.rank, self.timeout_s = rank, timeout_s
+        self._settle, self._exit = settle, exit
+        self._what = ""
+        self._watchdog = Watchdog(timeout_s, self._stalled)
+
+    @contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """The block is a collective at step `what` (named in the error if it never returns)."""
+        self._what = what
+        self._watchdog.busy(True)
+        try:
+            yield
+        finally:
+            self._watchdog.busy(False)
+
+    def message(self) -> str:
+        return (f"rank {self.rank} waited {self.timeout_s:g} s for the other ranks at '{self._what}': {AFTER_LOSS} "
+                "(a rank that is only slow needs a longer --rank-timeout / rank_timeout_s)")
+
+    def _stalled(self, seconds: float) -> None:
+        """From the watchdog's thread (`seconds`, at least `timeout_s`, is how long the collective has run)."""
+        try:
+            self._settle()
+        finally:
+            sys.stdout.flush()
+            print(f"error: {self.message()}", file=sys.stderr, flush=True)
+            self._exit(RANK_LOST_EXIT)
+
+    def close(self) -> None:
+        """The job is over: the watchdog's thread ends and never fires."""
+        self._watchdog.stop()
 
 
 @dataclass(frozen=True)
@@ -44,6 +111,7 @@ class RankGroup:
     group: Any
     rank: int
     size: int
+    bound: Optional[CollectiveBound] = field(default=None, compare=False)
 
     @classmethod
     def current(cls) -> "RankGroup":
@@ -58,36 +126,49 @@ class RankGroup:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def exchange(self, values: list[int]) -> np.ndarray:
-        """Every rank's `values` (the same length on every rank), as [size, len(values)]."""
+    def bounded(self, timeout_s: float, settle: Callable[[], object] = lambda: None) -> "RankGroup":
+        """This group with each collective bounded by `timeout_s` (CollectiveBound); a world of 1 has none."""
+        if not self.distributed:
+            return self
+        return replace(self, bound=CollectiveBound(self.rank, timeout_s, settle))
+
+    def _all_gather(self, rows: np.ndarray, what: str) -> np.ndarray:
+        """Every rank's `rows` [1, n] as [size, n]; bounded by the watchdog, a lost rank a RankLostError."""
         import mlx.core as mx
 
-        local = mx.array(np.asarray(values, dtype=np.int64).astype(np.int32).reshape(1, -1))
-        out = mx.distributed.all_gather(local, group=self.group)
-        mx.eval(out)
+        with self.bound.waiting(what) if self.bound is not None else nullcontext():
+            try:
+                out = mx.distributed.all_gather(mx.array(rows), group=self.group)
+                mx.eval(out)
+            except RuntimeError as exc:  # the ring backend's "connection to a peer was lost" and the like
+                raise RankLostError(f"rank {self.rank} lost the other ranks at '{what}' ({exc}): {AFTER_LOSS}") from exc
         return np.array(out).reshape(self.size, -1)
+
+    def exchange(self, values: list[int], what: str) -> np.ndarray:
+        """Every rank's `values` (the same length on every rank), as [size, len(values)]; `what`: the step, for errors."""
+        return self._all_gather(np.asarray(values, dtype=np.int64).astype(np.int32).reshape(1, -1), what)
 
     def agree(self, error: Optional[BaseException], what: str) -> None:
         """Raise on every rank if any rank failed at `what` (the local error where it is this rank's)."""
-        failed = self.exchange([int(error is not None)])[:, 0]
+        failed = self.exchange([int(error is not None)], what)[:, 0]
         if error is not None:
             raise error
         if failed.any():
             ranks = ", ".join(str(r) for r in np.nonzero(failed)[0])
             raise StoreError(f"Rank(s) {ranks} of the data-parallel job failed {what}; their log says why. Fix it and re-run the same command.")
 
-    def gather_bytes(self, payload: bytes) -> list[bytes]:
+    def gather_bytes(self, payload: bytes, what: str) -> list[bytes]:
         """Every rank's bytes, by rank (lengths first, then the payloads padded to the longest)."""
-        import mlx.core as mx
-
-        lengths = self.exchange([len(payload)])[:, 0]
+        lengths = self.exchange([len(payload)], what)[:, 0]
         longest = int(lengths.max())
         padded = np.zeros(max(longest, 1), np.uint8)
         padded[: len(payload)] = np.frombuffer(payload, np.uint8)
-        out = mx.distributed.all_gather(mx.array(padded.reshape(1, -1)), group=self.group)
-        mx.eval(out)
-        rows = np.array(out).reshape(self.size, -1)
+        rows = self._all_gather(padded.reshape(1, -1), what)
         return [rows[r, : int(lengths[r])].tobytes() for r in range(self.size)]
+
+    def close(self) -> None:
+        if self.bound is not None:
+            self.bound.close()
 
 
 def chunk_batches(shard_tokens: int, batch_size: int, context_size: int) -> int:
