@@ -41,6 +41,19 @@ NOT_FOR_CLIENTS: dict[str, str] = {
     "DELETE /v1/activations/captures/{capture_id}": "whole-capture downloads are safetensors files, read with mlx_engine.wire.files",
 }
 
+# What chat and text completions with activations share: everything after the prompt, and the answer's fields.
+CAPTURE_FIELDS: tuple[Field, ...] = (
+    Field("activation_hooks", "array", REQUIRED, "Hook specs or names to capture."),
+    Field("max_tokens", "integer", 32, "Tokens to generate at most."),
+    Field("temperature", "number", 0.0, "0 is greedy: the same prompt gives the same activations."),
+    Field("activation_format", "string", "json", "How captures travel.", ("json", "base64", "none")),
+    Field("stream", "boolean", False, "Server-Sent Events, one chunk per generated token."),
+    Field("interventions", "array", None, "Edits made while generating (steering, ablation, patching)."),
+    MODEL_FIELD,
+)
+CAPTURE_READS = ("model", "choices", "activations", "prompt_token_ids", "prompt_tokens_text", "generated_token_ids",
+                 "generated_tokens_text")
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         name="health",
@@ -109,23 +122,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ),
         body=(
             Field("messages", "array", REQUIRED, "Chat messages [{role, content}]; a bare string is one user turn."),
-            Field("activation_hooks", "array", REQUIRED, "Hook specs or names to capture."),
-            Field("max_tokens", "integer", 32, "Tokens to generate at most."),
-            Field("temperature", "number", 0.0, "0 is greedy: the same prompt gives the same activations."),
-            Field("activation_format", "string", "json", "How captures travel.", ("json", "base64", "none")),
-            Field("stream", "boolean", False, "Server-Sent Events, one chunk per generated token."),
-            Field("interventions", "array", None, "Edits made while generating (steering, ablation, patching)."),
-            MODEL_FIELD,
+            *CAPTURE_FIELDS,
         ),
-        reads=(
-            "model",
-            "choices",
-            "activations",
-            "prompt_token_ids",
-            "prompt_tokens_text",
-            "generated_token_ids",
-            "generated_tokens_text",
-        ),
+        reads=CAPTURE_READS,
         streams=True,
     ),
     Endpoint(
@@ -140,23 +139,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ),
         body=(
             Field("prompt", "string", REQUIRED, PROMPT_DOC),
-            Field("activation_hooks", "array", REQUIRED, "Hook specs or names to capture."),
-            Field("max_tokens", "integer", 32, "Tokens to generate at most."),
-            Field("temperature", "number", 0.0, "0 is greedy: the same prompt gives the same activations."),
-            Field("activation_format", "string", "json", "How captures travel.", ("json", "base64", "none")),
-            Field("stream", "boolean", False, "Server-Sent Events, one chunk per generated token."),
-            Field("interventions", "array", None, "Edits made while generating (steering, ablation, patching)."),
-            MODEL_FIELD,
+            *CAPTURE_FIELDS,
         ),
-        reads=(
-            "model",
-            "choices",
-            "activations",
-            "prompt_token_ids",
-            "prompt_tokens_text",
-            "generated_token_ids",
-            "generated_tokens_text",
-        ),
+        reads=CAPTURE_READS,
         streams=True,
     ),
     *RESEARCH_ENDPOINTS,

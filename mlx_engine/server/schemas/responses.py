@@ -151,7 +151,19 @@ class ChunkChoice(BaseModel):
     logprobs: Optional[ChoiceLogprobs] = None
 
 
-class ChatCompletionChunk(BaseModel):
+class StreamedCaptureFields(BaseModel):
+    """What a streamed chunk with activations adds: the first names the capture and the prompt's tokens, each
+    token's chunk carries that token and that step's captures (chat and text completions alike)."""
+
+    capture_id: Optional[str] = None
+    activations: Optional[Activations] = None
+    token_id: Optional[int] = None
+    token_text: Optional[str] = None
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_tokens_text: Optional[list[str]] = None
+
+
+class ChatCompletionChunk(StreamedCaptureFields):
     """One SSE event of a streamed chat completion (`data: {chunk}`), before `data: [DONE]`."""
 
     id: str
@@ -161,12 +173,6 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Optional[Usage] = None
     interventions: Optional[list[AppliedIntervention]] = None
-    capture_id: Optional[str] = None
-    activations: Optional[Activations] = None
-    token_id: Optional[int] = None
-    token_text: Optional[str] = None
-    prompt_token_ids: Optional[list[int]] = None
-    prompt_tokens_text: Optional[list[str]] = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -198,15 +204,8 @@ class ActivationCompletion(Completion, ActivationExtras):
     """A text completion with activations: OpenAI's object plus the capture fields of a chat answer."""
 
 
-class ActivationCompletionChunk(Completion):
+class ActivationCompletionChunk(Completion, StreamedCaptureFields):
     """One SSE event of a streamed text completion with activations: each step's captures ride on its token's chunk."""
-
-    capture_id: Optional[str] = None
-    activations: Optional[Activations] = None
-    token_id: Optional[int] = None
-    token_text: Optional[str] = None
-    prompt_token_ids: Optional[list[int]] = None
-    prompt_tokens_text: Optional[list[str]] = None
 
 
 class EncodedVector(BaseModel):
