@@ -34,7 +34,8 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
         help="run a model over a corpus and store every row of the given hooks, with online statistics",
         description="Write an activation store (sharded safetensors, manifest, documents, statistics) to --out. "
         "Re-run the same command to resume after an interruption. Under mlx.launch (or MLX_RANK and MLX_HOSTFILE) "
-        "every rank extracts its share of the corpus and rank 0 writes the one manifest.",
+        "every rank extracts its share of the corpus and rank 0 writes the one manifest; with --parallel the model is "
+        "split over the ranks instead, every rank runs every batch and rank 0 writes the store.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="default", help="local folder, Hugging Face repo id, or 'default'")
@@ -58,11 +59,15 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
                    help="in a data-parallel job: how long a rank waits for the others at one step before it concludes "
                    "that one has stopped and exits 1 (its committed shards kept). A legitimate wait is another rank "
                    "finishing its last chunks, so keep it well above the time of a shard")
+    p.add_argument("--parallel", choices=("tensor", "pipeline"), default=None,
+                   help="in a job of several ranks: split the model over them (heads and MLP units, or blocks) instead "
+                   "of giving every rank the whole model and a share of the corpus; rank 0 writes the store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from ..distributed import ShardingError
     from ..hooks.names import HookSpecError
     from ..loading import ModelLoadError
     from .errors import StoreError, StoreWriteError
@@ -74,9 +79,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             args.model, args.data, args.hooks, args.out, context_size=args.context_size, batch_size=args.batch_size,
             max_tokens=args.max_tokens, dtype=args.dtype, text_field=args.text_field, packed=args.packed,
             shard_tokens=args.shard_tokens, top_k=args.top_k, active_threshold=args.active_threshold,
-            progress=not args.no_progress, rank_timeout_s=args.rank_timeout,
+            progress=not args.no_progress, rank_timeout_s=args.rank_timeout, parallel=args.parallel,
         )
-    except (StoreError, HookSpecError, ModelLoadError) as exc:
+    except (StoreError, HookSpecError, ModelLoadError, ShardingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (StoreWriteError, RankLostError, OSError) as exc:
@@ -85,6 +90,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: {args.out} holds the shards committed so far; re-run the same command to resume.", file=sys.stderr)
         return 130
+    if store is None and args.parallel:  # a rank other than 0 of a model-parallel job, on another machine than rank 0
+        print(f"done: this rank ran its part of the model; rank 0 wrote the store to {args.out} on its machine.")
+        return 0
     if store is None:  # a rank of a data-parallel job whose folder does not hold every rank's shards
         print(f"done: this rank's shards are in {args.out}; the store is complete once every rank's shards/ files "
               "are in rank 0's --out folder.")

@@ -60,6 +60,10 @@ class RankLostError(RuntimeError):
     """A collective failed because another rank went away; every shard committed so far is intact."""
 
 
+class RankFailedError(StoreError):
+    """Another rank reported a failure at a step every rank agrees on (its own log says why)."""
+
+
 class CollectiveBound:
     """Ends this process when one of its collectives has not returned after `timeout_s`.
 
@@ -144,6 +148,11 @@ class RankGroup:
                 raise RankLostError(f"rank {self.rank} lost the other ranks at '{what}' ({exc}): {AFTER_LOSS}") from exc
         return np.array(out).reshape(self.size, -1)
 
+    def waiting(self, what: str) -> Any:
+        """A context for work that is a collective without being one of ours (a model-parallel forward):
+        bounded like `exchange` when the group is bounded."""
+        return self.bound.waiting(what) if self.bound is not None else nullcontext()
+
     def exchange(self, values: list[int], what: str) -> np.ndarray:
         """Every rank's `values` (the same length on every rank), as [size, len(values)]; `what`: the step, for errors."""
         return self._all_gather(np.asarray(values, dtype=np.int64).astype(np.int32).reshape(1, -1), what)
@@ -155,7 +164,7 @@ class RankGroup:
             raise error
         if failed.any():
             ranks = ", ".join(str(r) for r in np.nonzero(failed)[0])
-            raise StoreError(f"Rank(s) {ranks} of the data-parallel job failed {what}; their log says why. Fix it and re-run the same command.")
+            raise RankFailedError(f"Rank(s) {ranks} of the job failed {what}; their log says why. Fix it and re-run the same command.")
 
     def gather_bytes(self, payload: bytes, what: str) -> list[bytes]:
         """Every rank's bytes, by rank (lengths first, then the payloads padded to the longest)."""

@@ -25,7 +25,13 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..hooks.architecture import ArchitectureInfo
-from ..hooks.components import EXPERT_COMPONENTS, HEAD_COMPONENTS, KEYED_COMPONENTS, ComponentType, position_shape
+from ..hooks.components import (
+    EXPERT_COMPONENTS,
+    HEAD_COMPONENTS,
+    KEYED_COMPONENTS,
+    ComponentType,
+    position_shape,
+)
 from ..hooks.names import ResolvedHook
 from ..hooks.point import HookPoint
 from ..hooks.session import HookBusyError
@@ -119,8 +125,12 @@ class BatchRecorder:
                 point.fn = None
 
     def _record(self, hp: HookPoint, x: mx.array, context: dict[str, Any]) -> mx.array:
+        shard = getattr(hp, "shard", None)
+        # A tensor-parallel site holds this rank's heads or units: store the whole tensor, gathered
+        # from every rank in the unsharded order (mlx_engine/distributed/sites.py); x goes on as it was.
+        whole = shard.gather(x) if shard is not None else x
         for h in self._by_point[id(hp)]:
-            array = x
+            array = whole
             if h.hook.indices is not None:
                 array = mx.take(array, mx.array(h.hook.indices), axis=-1)
             if h.hook.component in HEAD_COMPONENTS:  # [B, H, T, D] -> [B, T, H*D]
@@ -132,12 +142,16 @@ class BatchRecorder:
             self._taken[h.hook_id] = flat.astype(self.dtype)
         return x
 
-    def run(self, model: Any, windows: Sequence[np.ndarray], pad_to: Optional[int] = None) -> dict[str, np.ndarray]:
+    def run(self, model: Any, windows: Sequence[np.ndarray], pad_to: Optional[int] = None, keep: bool = True) -> dict[str, np.ndarray]:
         """One forward over the windows right-padded to `pad_to` (default: the longest);
         hook id -> [real rows, width] in window order.
 
         Logits are never evaluated (MLX is lazy), so no LM head runs, and layers past
         the last hook are not computed either. bfloat16 rows come back as their uint16 bits.
+        `keep=False` (a rank of a model-parallel job other than 0, store/model_parallel.py):
+        the same forward and the same evaluation, so this rank takes part in every
+        collective rank 0 runs, and nothing comes back (a pipeline rank sees only the
+        sites of its own blocks).
         """
         lengths = [len(w) for w in windows]
         longest = max(max(lengths), pad_to or 0)
@@ -153,6 +167,8 @@ class BatchRecorder:
             mx.eval(*taken.values())
         finally:
             self._taken, self._rows = {}, None
+        if not keep:
+            return {}
         out = {}
         for hook_id, array in taken.items():
             if array.dtype == mx.bfloat16:

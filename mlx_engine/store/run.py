@@ -9,16 +9,19 @@ bounded queue.
 
 In a data-parallel job every rank replays the same batch stream and runs only the
 batches it owns (store/ranks.py says which); rank 0 also hands the writer the
-documents of every batch, so documents.jsonl is written once, in order.
+documents of every batch, so documents.jsonl is written once, in order. In a
+model-parallel job rank 0 runs every batch and the others follow it
+(store/model_parallel.py).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
 
@@ -45,9 +48,11 @@ class ExtractionRun:
         states: dict[str, NeuronStats], options: dict[str, Any], *, total_documents: int, record: str,
         owns: Callable[[int], bool] = lambda index: True, chunk_end: Callable[[int], bool] = lambda index: False,
         rank: int = 0, progress: bool = False, queue_size: int = 4,
+        forward_guard: Callable[[int], ContextManager[Any]] = lambda index: nullcontext(),
     ) -> None:
         self.kit, self.stored, self.out, self.manifest, self.options = kit, stored, out, manifest, options
         self.owns, self.chunk_end, self.rank = owns, chunk_end, rank
+        self.forward_guard = forward_guard  # around each forward: a model-parallel job's agreement (model_parallel.py)
         self.total_documents = total_documents
         shards = manifest["shards"]
         self._skip = shards[-1]["batches_end"] if shards else 0
@@ -136,7 +141,8 @@ class ExtractionRun:
     def _put(self, batch: Batch, mine: bool) -> None:
         t0 = time.perf_counter()
         if batch.windows and mine:
-            rows = self.recorder.run(self.kit.model, [w.tokens for w in batch.windows])
+            with self.forward_guard(batch.index):
+                rows = self.recorder.run(self.kit.model, [w.tokens for w in batch.windows])
             windows = batch.windows
         else:
             rows = {h.hook_id: np.empty((0, h.width), self._storage) for h in self.stored}
