@@ -252,7 +252,7 @@ def test_losing_rank_1_mid_generation_fails_the_request_and_ends_rank_0(llama_ch
     # A killed rank is usually reported by the ring backend at once, though a collective started
     # after its failure can hang; a frozen one (SIGSTOP) never answers. Both end at the rank
     # timeout at the latest (distributed/watchdog.py), short here.
-    with serving(llama_checkpoint, tmp_path, "tensor", "--rank-timeout", "10") as job:
+    with serving(llama_checkpoint, tmp_path, "tensor", "--rank-timeout", "4") as job:
         with long_stream(job) as events:
             for _ in range(3):
                 next(events)
@@ -267,6 +267,25 @@ def test_losing_rank_1_mid_generation_fails_the_request_and_ends_rank_0(llama_ch
     assert "rank 1 of the 2-rank job stopped answering" in error["message"] and "restart the job" in error["message"], error
     assert code == 1, job.logs_tail()
     assert "a rank of the job was lost" in job.log(0)
+
+
+@slow
+def test_a_frozen_rank_0_mid_generation_ends_rank_1(llama_checkpoint: Path, tmp_path: Path) -> None:
+    # Rank 0 stopped (SIGSTOP: a machine gone without closing its sockets) leaves rank 1 inside a
+    # collective that never returns; its own watchdog ends it after the rank timeout. Waiting for
+    # the next request is not watched (an idle server sends nothing), a generation is.
+    with serving(llama_checkpoint, tmp_path, "tensor", "--rank-timeout", "4") as job:
+        with long_stream(job) as events:
+            for _ in range(3):
+                next(events)
+            job.procs[0].send_signal(signal.SIGSTOP)
+            try:
+                code = job.procs[1].wait(EXIT_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank 1 still waits {EXIT_S} s after rank 0 froze:\n{job.logs_tail()}")
+            job.procs[0].kill()
+    assert code == 1, job.logs_tail()
+    assert "error: rank 1: a generation made no progress for " in job.log(1) and "restart the whole job" in job.log(1), job.logs_tail()
 
 
 def test_the_watchdog_reports_busy_work_without_progress_once() -> None:

@@ -233,21 +233,31 @@ class Leader:
                 self._busy(False)
 
 
-def follow(kit: Any, group: Optional[Any] = None, on_step: Optional[Callable[[int, Any], None]] = None) -> int:
+def follow(kit: Any, group: Optional[Any] = None, on_step: Optional[Callable[[int, Any], None]] = None,
+           stall_timeout_s: Optional[float] = None, on_stall: Optional[Callable[[float], None]] = None) -> int:
     """A rank > 0's serving loop: run what rank 0 runs, until it shuts down; returns the calls followed.
 
     Errors of a generation (the same on every rank, reported by rank 0) end that call here
     and the loop waits for the next; a lost peer ends the loop with RankLostError.
     `on_step(call_number, (result, activations))` sees each step this rank ran (a log, a check).
+    With `stall_timeout_s`, a generation that makes no progress that long (rank 0 frozen, or
+    gone after this rank's socket thread gave up: a collective that never returns) calls
+    `on_stall(seconds)` from a watchdog's thread. Waiting for rank 0's next call is not
+    watched: an idle server sends nothing for as long as it has no request.
     """
     group = group if group is not None else mx.distributed.init()
-    channel = _Channel(group)
+    watchdog = Watchdog(stall_timeout_s, on_stall or (lambda s: None)) if stall_timeout_s and group.size() > 1 else None
+    channel = _Channel(group, watchdog.progress if watchdog else None)
     followed = 0
     try:
         while True:
+            if watchdog is not None:
+                watchdog.busy(False)
             call = channel.message()
             if call[0] == "shutdown":
                 return followed
+            if watchdog is not None:
+                watchdog.busy(True)
             _, tokens, hooks, asks, kwargs = call
             should_stop = (lambda: bool(channel.flag(None))) if asks else None
             followed += 1
@@ -271,13 +281,27 @@ def follow(kit: Any, group: Optional[Any] = None, on_step: Optional[Callable[[in
         if _is_backend_failure(exc):
             raise RankLostError(f"rank {group.rank()}: rank 0 or another rank stopped answering ({exc}).") from exc
         raise
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
 
 
-def follower_main(model: str, parallel: str) -> int:
+def _follower_stalled(rank: int, seconds: float) -> None:
+    """The follower's watchdog fired (its thread): the stuck collective never returns, so the process ends here."""
+    import os
+    import sys
+
+    print(f"error: rank {rank}: a generation made no progress for {seconds:.0f} s (rank 0 or another rank stopped "
+          "answering, in a collective that cannot return); restart the whole job", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def follower_main(model: str, parallel: str, stall_timeout_s: Optional[float] = None) -> int:
     """What `mlx-engine serve --parallel P` runs on ranks > 0: load this rank's part, follow rank 0, exit.
 
     Returns the process exit status: 0 after rank 0's shutdown, 1 when a rank was lost
-    (the message, naming the cause, goes to stderr). SIGINT is ignored here: Ctrl-C in a
+    (the message, naming the cause, goes to stderr; a generation stalled for `stall_timeout_s`
+    ends the process with status 1 from the watchdog's thread). SIGINT is ignored here: Ctrl-C in a
     terminal reaches every rank of a local job at once, and rank 0 alone ends the job
     cleanly (its shutdown ends this loop); SIGTERM still ends this process at once.
     """
@@ -303,7 +327,7 @@ def follower_main(model: str, parallel: str) -> int:
         flush=True,
     )
     try:
-        followed = follow(kit, group)
+        followed = follow(kit, group, stall_timeout_s=stall_timeout_s, on_stall=lambda s: _follower_stalled(group.rank(), s))
     except RankLostError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1

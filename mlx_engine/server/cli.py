@@ -47,7 +47,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rank-timeout", type=float, default=RANK_TIMEOUT_S, metavar="SECONDS",
         help="with --parallel: a generation whose forward passes or messages to the other ranks make no progress "
-        "this long has lost a rank (it fails with 503 rank_lost and the server exits 1)",
+        "this long has lost a rank (on rank 0 it fails with 503 rank_lost and the server exits 1; a rank > 0 exits 1)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -113,7 +113,7 @@ def _serve_parallel(config: ServerConfig, rank_timeout_s: float) -> int:
     if group.rank() > 0:
         from ..distributed.serve import follower_main
 
-        return follower_main(config.model or "default", config.parallel or "tensor")
+        return follower_main(config.model or "default", config.parallel or "tensor", rank_timeout_s)
     from ..distributed.serve import RankLostError
     from .app import create_app
     from .parallel import finish, lead
