@@ -3,7 +3,7 @@
     python -m benchmarks.concurrency [--clients 1 4 8 16] [--tokens 64] [--out DIR]
 
 Each server is a fresh subprocess on a free loopback port, serving the embedded default model
-(mlx_engine/default_model; mlx-lm's server is given the same folder). For each client count N,
+(mlx_engine/default_model; mlx-lm's server is given the same folder) or the `--model` given. For each client count N,
 N threads each send `--requests` streaming chat requests one after another (greedy, prompts of
 the same length, `max_tokens` = `--tokens`); aggregate tokens/s is every completion token the
 server reported (`usage` in the stream's last chunk) over the wall time from the first request
@@ -39,7 +39,7 @@ import numpy as np
 import requests
 
 from .concurrency_report import table, write_concurrency_report
-from .machine import machine_summary, versions
+from .machine import find_openblas, machine_summary, versions
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "mlx_engine" / "default_model"
@@ -56,11 +56,13 @@ def _free_port() -> int:
 class Server:
     """A server subprocess on a port chosen here, ready once GET /v1/models answers 200."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, log: Path, timeout: float) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path, timeout: float,
+                 env_extra: Optional[dict[str, str]] = None) -> None:
         self.name, self.log, self.url = name, log, f"http://127.0.0.1:{port}"
         # As typed from the repository root: no path of this machine in the results.
-        self.command = " ".join("python" if c == sys.executable else c.replace(str(REPO) + os.sep, "") for c in cmd)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+        shown = " ".join("python" if c == sys.executable else c.replace(str(REPO) + os.sep, "") for c in cmd)
+        self.command = " ".join([*(f"{k}={v}" for k, v in (env_extra or {}).items()), shown])
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **(env_extra or {}))
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + timeout
@@ -89,16 +91,22 @@ class Server:
                 self.proc.wait()
 
 
+MODEL = DEFAULT_MODEL  # what every server serves (--model)
+
+
 def start_ours(log: Path, extra: list[str], timeout: float) -> Server:
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlx_engine.server", "--model", "default", "--port", str(port), "--threads", "64", *extra]
+    cmd = [sys.executable, "-m", "mlx_engine.server", "--model", str(MODEL), "--port", str(port), "--threads", "64", *extra]
     return Server("mlx-engine serve", cmd, port, log, timeout)
 
 
 def start_mlx_lm(log: Path, timeout: float) -> Server:
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(DEFAULT_MODEL), "--port", str(port)]
-    return Server("mlx_lm.server", cmd, port, log, timeout)
+    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(MODEL), "--port", str(port)]
+    # `import mlx_engine` binds MLX to OpenBLAS in our server; mlx-lm's gets it the way a Linux
+    # user would give it, preloaded (else it runs on the wheel's reference BLAS, several times slower).
+    openblas = find_openblas()
+    return Server("mlx_lm.server", cmd, port, log, timeout, {"LD_PRELOAD": openblas} if openblas else None)
 
 
 def prompt_text(seed: int, words: int) -> str:
@@ -256,12 +264,22 @@ def ttft_repeated(name: str, extra: list[str], args: argparse.Namespace, folder:
 
 
 def _words_for(tokens: int) -> int:
-    """About `tokens` prompt tokens from the default tokenizer (the chat template adds its own)."""
+    """About `tokens` prompt tokens from the served model's tokenizer (the chat template adds its own)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(MODEL)
     per_word = len(tok.encode(prompt_text(0, 200))) / 200
     return max(1, round(tokens / per_word))
+
+
+def _model_folder(name: str) -> Path:
+    if name == "default":
+        return DEFAULT_MODEL
+    if name == "llama-125m-f32":
+        from .checkpoints import ModelSpec, ensure_synth
+
+        return ensure_synth(ModelSpec("llama-125m-f32", "llama-125m", "float32"), REPO / "benchmarks" / ".cache")
+    return Path(name).resolve()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -276,11 +294,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/.cache/runs"), help="a new timestamped folder is made here")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--start-timeout", type=float, default=180.0, help="seconds a server may take to start")
+    p.add_argument("--model", default="default", help="'default' (the embedded model), 'llama-125m-f32' (synthetic, "
+                   "written to benchmarks/.cache: weights too large for the CPU's caches), or a model folder")
     args = p.parse_args(argv)
+    global MODEL
+    MODEL = _model_folder(args.model)
     args.prompt_words = _words_for(args.prompt_tokens)
     args.ttft_words = _words_for(args.ttft_prompt) if args.ttft_prompt else 0
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_start = os.getloadavg()  # before any server: other work on the machine
     folder = args.out / time.strftime("concurrency-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=False)
     batch = ["--max-batch-size", str(max(max(args.clients), 1))]
@@ -297,12 +320,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         ttft = [ttft_repeated("prompt cache on", [], args, folder), ttft_repeated("prompt cache off", ["--prompt-cache-mb", "0"], args, folder)]
     results = {
         "command": "python -m benchmarks.concurrency " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(DEFAULT_MODEL.relative_to(REPO)),
+        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(MODEL.relative_to(REPO)) if MODEL.is_relative_to(REPO) else str(MODEL),
         "settings": {"clients": args.clients, "tokens": args.tokens, "requests_per_client": args.requests,
                      "prompt_tokens_target": args.prompt_tokens, "prompt_words": args.prompt_words,
                      "ttft_prompt_target": args.ttft_prompt, "ttft_repeats": args.ttft_repeats,
                      "capture": f"layers.{CAPTURE_LAYER}.residual, base64, every step", "max_batch_size": int(batch[1])},
-        "load_average_end": os.getloadavg(), "machine": machine_summary(), "versions": versions(),
+        "load_average_start": load_start, "load_average_end": os.getloadavg(), "machine": machine_summary(), "versions": versions(),
         "contenders": contenders, "ttft": ttft,
     }
     (folder / "results.json").write_text(json.dumps(results, indent=1))

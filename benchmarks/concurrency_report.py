@@ -90,10 +90,22 @@ def write_concurrency_report(r: dict[str, Any], path: Path) -> None:
                          f"batched steps {b.get('batched_steps')} of {b.get('decode_steps')}, solo generations {b.get('solo_generations')}")
     lines.append("")
     lines += _ttft_lines(r.get("ttft", []))
-    load, cpus = r.get("load_average_end") or (0.0,), r["machine"].get("CPU(s)")
-    if cpus and float(load[0]) > 0.75 * float(cpus):
-        lines += [f"The load average at the end ({load[0]:.2f} over {cpus} CPUs) says other work shared the machine "
-                  "during this run: the figures carry that noise, and are no measure of either server's speed.", ""]
+    lines += _load_lines(r)
     lines += ["## Machine", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in r["machine"].items()],
+              f"| load average before the run | {r.get('load_average_start', 'not recorded')} |",
               f"| load average at end | {r.get('load_average_end')} |", *[f"| {k} | {v} |" for k, v in r["versions"].items()], ""]
     path.write_text("\n".join(lines))
+
+
+def _load_lines(r: dict[str, Any]) -> list[str]:
+    """What the load before the run says about other work (the load at the end is mostly the run's own servers and clients)."""
+    cpus = r["machine"].get("CPU(s)")
+    start = r.get("load_average_start")
+    if start is None:
+        return ["No load average was recorded before this run started, so it cannot say whether other work shared the "
+                "machine (the load at the end is mostly the run's own servers and clients).", ""]
+    if cpus and float(start[0]) > 0.5 * float(cpus):
+        return [f"The 1-minute load average before the run started ({start[0]:.2f} over {cpus} CPUs) says other work was on "
+                "the machine: the figures carry that noise, and are no measure of either server's speed.", ""]
+    return [f"The 1-minute load average before the run started was {start[0]:.2f} over {cpus} CPUs: the machine was "
+            "otherwise idle (the load at the end is the run's own servers and clients).", ""]

@@ -302,6 +302,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]]) -> dict[str, Any]:
     mlx_dir = ensure_synth(spec, args.work)
     tf_dir = export_for_transformers(mlx_dir, args.work / f"{spec.key}-transformers")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_start = os.getloadavg()  # before any measurement: other work's load alone
     folder = args.out / time.strftime("extraction-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=False)
     corpus = write_corpus(folder / "corpus.jsonl", max(args.tokens, args.rss_tokens))
@@ -332,7 +333,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]]) -> dict[str, Any]:
     results = {
         "benchmark": "extraction", "quick": args.quick, "model": spec.label, "model_key": spec.key,
         "command": "python -m benchmarks.extraction " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_end": os.getloadavg(),
+        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "settings": {"tokens": args.tokens, "planned_tokens": planned, "rss_tokens": [args.rss_tokens, max(1, args.rss_tokens // 10)],
                      "context_size": args.context, "batch_size": args.batch, "shard_tokens": args.context * args.batch, "hooks": "every layer's residual", "dtype": "float32"},
         "corpus": corpus, "machine": machine_summary(), "versions": research_versions(), "rows": rows, "rss": rss, "ranks": ranks,

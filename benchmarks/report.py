@@ -410,5 +410,12 @@ def write_report(r: dict[str, Any], path: Path) -> None:
               "off (`python -m benchmarks.sae_training`).",
               "- `RESULTS-concurrency.md`: aggregate tokens/s and latency of 1 to 16 concurrent streaming clients against "
               "ours (plain and with a residual capture) and mlx-lm's server, and time to first token of a repeated long "
-              "prompt with and without the prompt cache (`python -m benchmarks.concurrency`).", ""]
+              "prompt with and without the prompt cache (`python -m benchmarks.concurrency`); "
+              "`RESULTS-concurrency-llama-125m.md` the same against a model whose weights outgrow the CPU's caches "
+              "(`--model llama-125m-f32`).",
+              "- `RESULTS-batch-decode.md`: aggregate decode tokens/s of 1 to 8 rows batched in the engine alone (no "
+              "server), ours against mlx-lm's BatchGenerator, on the default model and llama-125m "
+              "(`python -m benchmarks.batch_decode`).",
+              "- `RESULTS-distributed.md`: decode tokens/s and peak memory per rank, 1 and 2 ranks, tensor and pipeline, "
+              "hooks off and on, and the cost of the gathers (`python -m benchmarks.distributed`).", ""]
     path.write_text("\n".join(lines))

@@ -48,10 +48,22 @@ def machine_section(runs: Sequence[dict[str, Any]]) -> list[str]:
     """The machine and versions of the first run, and every run's load average at its end."""
     r = runs[0]
     rows = [(k, v) for k, v in r["machine"].items()]
+    rows += [(f"load average before `{x['command']}`", x["load_average_start"]) for x in runs if x.get("load_average_start")]
     rows += [(f"load average at the end of `{x['command']}`", x.get("load_average_end")) for x in runs]
     rows += list(r["versions"].items())
     lines = ["## Machine", "", *markdown_table(["", ""], rows), ""]
     cpus = r["machine"].get("CPU(s)")
+    if all(x.get("load_average_start") for x in runs):
+        # Before the run, the load is other work's alone (at the end it is mostly the run's own processes).
+        before = [float(x["load_average_start"][0]) for x in runs]
+        if cpus and max(before) > 0.5 * float(cpus):
+            lines += [f"The 1-minute load average before the run ({', '.join(f'{v:.2f}' for v in before)} over {cpus} CPUs) "
+                      "says other work was on the machine: every figure carries that noise; ratios measured in the same run "
+                      "are the reading to take.", ""]
+        elif cpus:
+            lines += [f"The 1-minute load average before the run was {', '.join(f'{v:.2f}' for v in before)} over {cpus} CPUs: "
+                      "the machine was otherwise idle (the load at the end is the run's own processes).", ""]
+        return lines
     loads = [float((x.get("load_average_end") or (0.0,))[0]) for x in runs]
     if cpus and max(loads) > 0.75 * float(cpus):
         lines += [f"The load average ({', '.join(f'{v:.2f}' for v in loads)} over {cpus} CPUs) says other work shared the "

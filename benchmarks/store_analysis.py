@@ -161,6 +161,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]]) -> dict[str, Any]:
     spec = QUICK_MODELS[0] if args.quick else SPEC  # quick: the 2-layer model of the other quick runs, MLP 512 wide
     mlx_dir = ensure_synth(spec, args.work)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_start = os.getloadavg()  # before any measurement: other work's load alone
     folder = args.out / time.strftime("store-analysis-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=False)
     corpus = write_corpus(folder / "corpus.jsonl", args.tokens)
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]]) -> dict[str, Any]:
     results = {
         "benchmark": "store_analysis", "quick": args.quick, "model": spec.label + ("" if args.quick else " (hidden 256, MLP 1024)"), "model_key": spec.key,
         "command": "python -m benchmarks.store_analysis " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_end": os.getloadavg(),
+        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "settings": {"tokens": args.tokens, "pca_points": args.pca_points, "context_size": args.context, "batch_size": args.batch,
                      "hook": HOOK, "width": build.get("width"), "dtype": "float32",
                      "built_by": "mlx_engine.extract over the corpus (real activations, not written by hand)"},
