@@ -243,3 +243,17 @@ def test_a_complete_store_is_returned_as_it_is(llama_kit, store, corpus: Path) -
     again = mlx_engine.extract(llama_kit, corpus, HOOKS, store.path, context_size=CONTEXT, batch_size=3, shard_tokens=150,
                                top_k=5, progress=False)
     assert again.num_tokens == store.num_tokens and (store.path / "manifest.json").read_bytes() == before
+
+
+def test_parallel_outside_a_distributed_job_is_the_one_process_run(llama_checkpoint: Path, store, corpus: Path,
+                                                                   tmp_path: Path) -> None:
+    """`parallel=` in a process that is not part of a job loads the whole model: the same store (rows bit for bit);
+    an unknown mode is refused before any folder is made (the 2-rank runs: tests/test_store_model_parallel.py)."""
+    got = mlx_engine.extract(llama_checkpoint, corpus, HOOKS, tmp_path / "tensor", context_size=CONTEXT, batch_size=3,
+                             shard_tokens=150, top_k=5, progress=False, parallel="tensor")
+    assert "model_parallel" not in got.manifest["settings"] and got.num_tokens == store.num_tokens
+    for hook_id in HOOK_IDS:
+        assert np.array_equal(np.asarray(got.rows(hook_id)), np.asarray(store.rows(hook_id))), hook_id
+    with pytest.raises(ValueError, match="parallel must be one of 'tensor', 'pipeline'"):
+        mlx_engine.extract(llama_checkpoint, corpus, HOOKS, tmp_path / "bogus", progress=False, parallel="bogus")
+    assert not (tmp_path / "bogus").exists()
