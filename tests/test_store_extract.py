@@ -257,3 +257,31 @@ def test_parallel_outside_a_distributed_job_is_the_one_process_run(llama_checkpo
     with pytest.raises(ValueError, match="parallel must be one of 'tensor', 'pipeline'"):
         mlx_engine.extract(llama_checkpoint, corpus, HOOKS, tmp_path / "bogus", progress=False, parallel="bogus")
     assert not (tmp_path / "bogus").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts this process's descriptors in /proc/self/fd")
+def test_reading_every_shard_holds_a_bounded_number_of_files(llama_kit, corpus: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One map (one descriptor) per shard file, at most ShardMaps.KEEP held (8 here, 64 by default): a store of
+    hundreds of shards and many hooks opens within macOS's default 256 descriptors (one np.memmap per tensor
+    held shards x tensors, and a 1M-token benchmark store ran out of them)."""
+    from mlx_engine.store.shards import ShardMaps
+
+    monkeypatch.setattr(ShardMaps, "KEEP", 8)
+    store = mlx_engine.extract(llama_kit, corpus, HOOKS, tmp_path / "many", context_size=CONTEXT, batch_size=3,
+                               shard_tokens=4, top_k=5, progress=False)
+    shards, tensors = len(store.manifest["shards"]), len(HOOKS) + 3
+    assert shards > ShardMaps.KEEP
+
+    def held() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    before = held()
+    reopened = mlx_engine.ActivationStore.open(store.path)
+    rows = {h: np.asarray(reopened.rows(h)) for h in HOOK_IDS}
+    tokens, (doc, pos) = np.asarray(reopened.tokens()), (np.asarray(a) for a in reopened.index())
+    assert sum(len(b) for b in reopened.iter_batches(HOOK_IDS[0], 7)) == reopened.num_tokens
+    assert held() - before <= ShardMaps.KEEP < shards * tensors
+    for h in HOOK_IDS:  # and the rows are the ones the first reader saw
+        assert np.array_equal(rows[h], np.asarray(store.rows(h)))
+    assert np.array_equal(tokens, np.asarray(store.tokens())) and len(doc) == len(pos) == store.num_tokens

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import StoreError
 from .manifest import DOCUMENTS, MANIFEST, read_manifest
-from .shards import as_float, memmap_tensors
+from .shards import ShardMaps, ShardTensor, as_float
 from .stats import NeuronStats
 
 
@@ -25,16 +25,18 @@ class RowsView:
     """Rows of one tensor across shards, as one array-like of shape [N, ...] (no copy until indexed).
 
     `view[i]`, `view[a:b]`, `view[array_of_rows]`, `view[rows, cols]` and `np.asarray(view)`
-    return numpy arrays (bfloat16 widened to float32); `.parts` are the raw memory maps.
+    return numpy arrays (bfloat16 widened to float32); `.parts[i]` is shard i's raw memory-mapped array.
     """
 
-    def __init__(self, parts: list[np.ndarray], dtype: str) -> None:
+    def __init__(self, parts: Union[list[np.ndarray], ShardTensor], dtype: str) -> None:
         self.parts = parts
         self.stored_dtype = dtype
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])
-        tail = parts[0].shape[1:] if parts else ()
+        # A ShardTensor knows each shard's rows from the manifest: no shard is mapped to count them.
+        lengths = parts.rows if isinstance(parts, ShardTensor) else [len(p) for p in parts]
+        self.offsets = np.cumsum([0] + list(lengths))
+        tail = parts[0].shape[1:] if len(parts) else ()
         self.shape = (int(self.offsets[-1]), *tail)
-        self.dtype = np.dtype(np.float32) if dtype == "bfloat16" else (parts[0].dtype if parts else np.dtype(np.float32))
+        self.dtype = np.dtype(np.float32) if dtype == "bfloat16" else (parts[0].dtype if len(parts) else np.dtype(np.float32))
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -49,7 +51,7 @@ class RowsView:
             if lo < hi:
                 pieces.append(part[lo - self.offsets[i] : hi - self.offsets[i]])
         if not pieces:
-            return self._convert(np.empty((0, *self.shape[1:]), self.parts[0].dtype if self.parts else np.float32))
+            return self._convert(np.empty((0, *self.shape[1:]), self.parts[0].dtype if len(self.parts) else np.float32))
         return self._convert(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])
 
     def _take(self, rows: np.ndarray) -> np.ndarray:
@@ -93,7 +95,8 @@ class ActivationStore:
         self.path = path
         self.manifest = manifest
         self._hooks = {h["hook_id"]: h for h in manifest["hooks"]}
-        self._maps = [memmap_tensors(path / s["file"]) for s in manifest["shards"]]
+        self._maps = ShardMaps([path / s["file"] for s in manifest["shards"]])  # mapped when read
+        self._rows = [s["rows"] for s in manifest["shards"]]
 
     @classmethod
     def open(cls, path: Union[str, Path]) -> "ActivationStore":
@@ -122,14 +125,15 @@ class ActivationStore:
 
     def rows(self, hook: str) -> RowsView:
         info = self.hook_info(hook)
-        return RowsView([m[hook] for m in self._maps], info["dtype"])
+        return RowsView(ShardTensor(self._maps, hook, self._rows), info["dtype"])
 
     def tokens(self) -> RowsView:
-        return RowsView([m["tokens"] for m in self._maps], "int32")
+        return RowsView(ShardTensor(self._maps, "tokens", self._rows), "int32")
 
     def index(self) -> tuple[RowsView, RowsView]:
         """(doc, pos) of every row: its document number and its position in that document."""
-        return RowsView([m["doc"] for m in self._maps], "int64"), RowsView([m["pos"] for m in self._maps], "int32")
+        return (RowsView(ShardTensor(self._maps, "doc", self._rows), "int64"),
+                RowsView(ShardTensor(self._maps, "pos", self._rows), "int32"))
 
     def documents(self) -> Iterator[dict[str, Any]]:
         """Each stored document as {"doc", "source", "text"}, in order (streamed from documents.jsonl)."""

@@ -16,10 +16,12 @@ after the rename, is what says a shard belongs to the store.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -100,8 +102,15 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def memmap_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a shard as a read-only np.memmap (bfloat16 as its uint16 bits)."""
+    """Every tensor of a shard as a read-only array over one memory map of the file (bfloat16 as its uint16 bits).
+
+    One map per file, not one `np.memmap` per tensor: each map holds a file descriptor, and
+    a store of hundreds of shards and a dozen hooks would run out of them (macOS allows 256
+    per process by default).
+    """
     header, start = read_header(path)
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -112,8 +121,57 @@ def memmap_tensors(path: Path) -> dict[str, np.ndarray]:
         if end == begin:
             out[name] = np.zeros(shape, dtype)
         else:
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+            out[name] = np.ndarray(shape, dtype, buffer=mapped, offset=start + begin)
     return out
+
+
+class ShardMaps:
+    """The shards' tensors, each file mapped when first read; at most `keep` files held here.
+
+    A shard evicted from the cache stays mapped while an array of it is referenced
+    elsewhere, and is unmapped (its descriptor closed) once none is, so a pass over every
+    shard of a large store holds a bounded number of descriptors.
+    """
+
+    KEEP = 64  # files held at once: well under the 256 descriptors macOS gives a process by default
+
+    def __init__(self, files: list[Path], keep: Optional[int] = None) -> None:
+        self.files, self.keep = files, keep if keep is not None else self.KEEP
+        self._open: "OrderedDict[int, dict[str, np.ndarray]]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not -len(self.files) <= i < len(self.files):
+            raise IndexError(f"shard {i} out of range for {len(self.files)} shards")
+        i %= len(self.files)
+        if i in self._open:
+            self._open.move_to_end(i)
+        else:
+            self._open[i] = memmap_tensors(self.files[i])
+            while len(self._open) > self.keep:
+                self._open.popitem(last=False)
+        return self._open[i]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (self[i] for i in range(len(self.files)))
+
+
+class ShardTensor:
+    """One tensor of every shard as a sequence of arrays (`[i]` maps shard i when read), with known lengths."""
+
+    def __init__(self, maps: ShardMaps, name: str, rows: list[int]) -> None:
+        self.maps, self.name, self.rows = maps, name, rows
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.maps[i][self.name]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
 
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
