@@ -1,6 +1,6 @@
 """Corpus extraction: tokens/s of `mlx_engine.extract` (every layer's residual) against the same work done otherwise.
 
-    python -m benchmarks.extraction [--tokens 2048] [--rss-tokens 8192] [--context 256] [--batch 8] [--out DIR]
+    python -m benchmarks.extraction [--tokens 2048] [--rss-tokens 8192] [--context 256] [--batch 8] [--small-model] [--out DIR]
 
 One fresh process per measurement (its peak RSS, VmHWM, is its own); every contender runs
 the same windows of the same corpus (research_runs.py: standard-library source, tokenized
@@ -278,6 +278,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--context", type=int, default=256, help="tokens per window")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     p.add_argument("--no-ranks", action="store_true", help="skip the 2-rank run")
+    p.add_argument("--small-model", action="store_true", help="the quick mode's tiny model (2 layers, hidden 256) with the "
+                   "full run's measurements, each in its own process: a 1M-token peak-RSS run in minutes")
     p.add_argument("--work", type=Path, default=Path("benchmarks/.cache"), help="where the checkpoints are written")
     p.add_argument("--out", type=Path, default=Path("benchmarks/.cache/runs"), help="a new timestamped folder is made here")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one measurement may take")
@@ -298,7 +300,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]]) -> dict[str, Any]:
     """Every measurement of one run; results.json and RESULTS-extraction.md in a new folder."""
     from .research_report import write_extraction_report
 
-    spec = QUICK_SPEC if args.quick else SPEC
+    spec = QUICK_SPEC if args.quick or args.small_model else SPEC
     mlx_dir = ensure_synth(spec, args.work)
     tf_dir = export_for_transformers(mlx_dir, args.work / f"{spec.key}-transformers")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
