@@ -107,5 +107,6 @@ def _load_lines(r: dict[str, Any]) -> list[str]:
     if cpus and float(start[0]) > 0.5 * float(cpus):
         return [f"The 1-minute load average before the run started ({start[0]:.2f} over {cpus} CPUs) says other work was on "
                 "the machine: the figures carry that noise, and are no measure of either server's speed.", ""]
-    return [f"The 1-minute load average before the run started was {start[0]:.2f} over {cpus} CPUs: the machine was "
-            "otherwise idle (the load at the end is the run's own servers and clients).", ""]
+    return [f"The 1-minute load average when the run started was {start[0]:.2f} over {cpus} CPUs: little other work was "
+            "running then (work started later does not show in it, and the load at the end is mostly the run's own "
+            "servers and clients).", ""]

@@ -404,7 +404,9 @@ def write_report(r: dict[str, Any], path: Path) -> None:
               "- `RESULTS-research.md`: corpus extraction tokens/s against hooks-off prefill, a run_with_cache loop, "
               "transformers and TransformerLens, peak memory against corpus size and 2 data-parallel ranks "
               "(`python -m benchmarks.extraction`); the neuron analyses' seconds and peak memory on a store of 1024 "
-              "neurons (`python -m benchmarks.store_analysis`); joined by `python -m benchmarks.research_report`.",
+              "neurons (`python -m benchmarks.store_analysis`); joined by `python -m benchmarks.research_report`; "
+              "`RESULTS-extraction-small-model.md`: the same with a 2-layer model, its peak memory at 1M against 100k "
+              "tokens (`--small-model`).",
               "- `RESULTS-sae.md`: TopK SAE training here against SAELens's trainer on the same batches (tokens/s, "
               "held-out FVE and L0, peak memory), and decode tok/s with an SAE's top-k features streamed against hooks "
               "off (`python -m benchmarks.sae_training`).",

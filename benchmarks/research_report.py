@@ -61,8 +61,9 @@ def machine_section(runs: Sequence[dict[str, Any]]) -> list[str]:
                       "says other work was on the machine: every figure carries that noise; ratios measured in the same run "
                       "are the reading to take.", ""]
         elif cpus:
-            lines += [f"The 1-minute load average before the run was {', '.join(f'{v:.2f}' for v in before)} over {cpus} CPUs: "
-                      "the machine was otherwise idle (the load at the end is the run's own processes).", ""]
+            lines += [f"The 1-minute load average when the run started was {', '.join(f'{v:.2f}' for v in before)} over "
+                      f"{cpus} CPUs: little other work was running then (work started later does not show in it, and the "
+                      "load at the end is mostly the run's own processes).", ""]
         return lines
     loads = [float((x.get("load_average_end") or (0.0,))[0]) for x in runs]
     if cpus and max(loads) > 0.75 * float(cpus):
