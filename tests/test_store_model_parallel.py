@@ -34,7 +34,7 @@ from typing import Optional
 import mlx_engine  # noqa: F401, I001  (first: it picks the BLAS before MLX loads)
 import numpy as np
 import pytest
-from test_store_ranks import free_ports
+from test_store_ranks import free_ports, log_tails, stop, wait_ranks
 
 from mlx_engine.store.ranks import AFTER_LOSS, RANK_LOST_EXIT
 from mlx_engine.store.reader import ActivationStore
@@ -42,7 +42,7 @@ from mlx_engine.store.reader import ActivationStore
 pytestmark = pytest.mark.slow  # end to end: left out of the quick loop (-m "not slow"), run by the full suite
 
 RANKS = 2
-JOB_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 120  # a lost follower: rank 0's own bound, then the resumed job
 ATOL = RTOL = 1e-5
 HOOKS = ["layers.1.residual", '{"layer_name": 2, "component": "mlp_post", "indices": [3, 100, 9, 64]}',
          '{"layer_name": 0, "component": "z"}']
@@ -75,30 +75,6 @@ def start_ranks(checkpoint: Path, corpus: Path, out: Path, logs: Path, mode: str
             "--hooks", *HOOKS, "--out", str(out), *CLI_OPTIONS, "--parallel", mode, "--no-progress"]
     return [subprocess.Popen([*args, *(extra or {}).get(r, [])], env={**env, "MLX_RANK": str(r)},
                              stdout=open(logs / f"rank{r}.log", "w"), stderr=subprocess.STDOUT) for r in range(RANKS)]
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=30)
-
-
-def log_tails(logs: Path) -> str:
-    return "\n".join(f"--- rank {r} ---\n{(logs / f'rank{r}.log').read_text()[-3000:]}" for r in range(RANKS))
-
-
-def wait_ranks(procs: list[subprocess.Popen], logs: Path, expect: int = 0) -> None:
-    codes: Optional[list[int]] = None
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        stop(procs)
-    if codes is None or any(c != expect for c in codes):
-        pytest.fail(f"2-rank extraction {'timed out' if codes is None else f'exited {codes}'}:\n{log_tails(logs)}")
 
 
 def assert_equal_store(got: ActivationStore, expected: ActivationStore, exact: bool) -> None:
