@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoints import QUICK_MODELS, ModelSpec, ensure_synth
+from .concurrency import WORDS
 from .machine import machine_summary, versions
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "mlx_engine" / "default_model"
 LLAMA = ModelSpec("llama-125m-f32", "llama-125m", "float32")
-WORDS = ("encoder", "value", "return", "self", "json", "list", "index", "parse", "string", "object", "key", "default")
 
 
 def prompts(kit: Any, count: int, length: int) -> list[list[int]]:
@@ -102,9 +102,9 @@ def mlx_lm(model: Any, batch: list[list[int]], tokens: int) -> dict[str, Any]:
 
 def child(task: dict[str, Any]) -> dict[str, Any]:
     """All cells of one model in this process: a warm-up, then each batch size, ours then mlx-lm."""
-    import mlx_engine
-
     from mlx_lm import load as mlx_lm_load
+
+    import mlx_engine
 
     kit = mlx_engine.load_model(task["model"])
     kit.tokenizer.eos_token_ids = []  # every row runs its full length

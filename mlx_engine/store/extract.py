@@ -25,15 +25,14 @@ from ..loading import ModelKit, load_model
 from .data_parallel import extract_ranks
 from .errors import StoreError
 from .lifecycle import (
-    create_store,
     finalize,
     fresh_states,
-    new_manifest,
+    open_store,
     options_of,
     prepare,
     split_mode,
 )
-from .manifest import MANIFEST, discard_uncommitted, existing_manifest
+from .manifest import MANIFEST
 from .model_parallel import extract_model_parallel
 from .ranks import RANK_TIMEOUT_S, RankGroup
 from .reader import ActivationStore
@@ -85,14 +84,9 @@ def start_extraction(
     """Check everything, create or resume the store in `out_dir`, and return it ready to step (one process)."""
     kit, stored, corpus, summary, settings = prepare(kit, documents, hooks, options_of(**options), text_field, RankGroup(None, 0, 1))
     out = Path(out_dir).expanduser()
-    manifest = existing_manifest(out, settings)
-    if manifest is not None and manifest["status"] == "complete":
+    manifest = open_store(out, kit, stored, summary, settings)
+    if manifest["status"] == "complete":
         return Extraction(out, manifest, stored, None)
-    if manifest is None:
-        manifest = new_manifest(kit, stored, summary, settings)
-        create_store(out, manifest)
-    else:
-        discard_uncommitted(out, manifest)
     states = fresh_states(stored, manifest, out, settings)
     run = ExtractionRun(kit, corpus, stored, out, manifest, states, settings, total_documents=summary.documents,
                         record=MANIFEST, progress=progress, queue_size=queue_size)

@@ -36,6 +36,8 @@ from .manifest import (
     STATE_DIR,
     STATS_DIR,
     checkpoint_files,
+    discard_uncommitted,
+    existing_manifest,
     fingerprint,
     hook_file,
     read_manifest,
@@ -177,6 +179,19 @@ def prepare(kit: Union[ModelKit, str, Path], documents: Any, hooks: Iterable[Hoo
         options["rank_chunk_batches"] = chunk_batches(options["shard_tokens"], options["batch_size"], options["context_size"])
     return kit, stored, corpus, summary, settings_of(kit, stored, summary, options)
 
+
+
+def open_store(out: Path, kit: ModelKit, stored: list[StoredHook], summary: CorpusSummary,
+               settings: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the one writer's store in `out`: new (the folder created), resumed (files past its
+    last commit removed), or complete as it is; a store with other settings is refused (existing_manifest)."""
+    manifest = existing_manifest(out, settings)
+    if manifest is None:
+        manifest = new_manifest(kit, stored, summary, settings)
+        create_store(out, manifest)
+    elif manifest["status"] != "complete":
+        discard_uncommitted(out, manifest)
+    return manifest
 
 
 def fresh_states(stored: list[StoredHook], manifest: dict[str, Any], out: Path, options: dict[str, Any]) -> dict[str, NeuronStats]:

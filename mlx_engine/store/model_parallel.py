@@ -29,23 +29,21 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Union
 
 from ..hooks.names import HookRequest
-from ..loading import ModelKit, tokenize
+from ..loading import ModelKit
 from .corpus import Corpus
 from .errors import StoreError
 from .lifecycle import (
-    create_store,
     finalize,
     fresh_states,
-    new_manifest,
     open_if_here,
+    open_store,
     prepare,
 )
-from .manifest import MANIFEST, discard_uncommitted, existing_manifest, fingerprint
-from .plan import plan_batches
+from .manifest import MANIFEST, fingerprint
 from .ranks import RankFailedError, RankGroup
 from .reader import ActivationStore
-from .recorder import BatchRecorder, StoredHook
-from .run import ExtractionRun
+from .recorder import StoredHook
+from .run import ExtractionRun, batch_plan, recorder_for
 
 FINGERPRINT_INTS = 4  # the settings fingerprint's first 16 hex digits as int32s: what the ranks compare
 
@@ -68,10 +66,8 @@ class ModelFollower:
     def __init__(self, kit: ModelKit, corpus: Corpus, stored: list[StoredHook], options: dict[str, Any], skip: int,
                  guard: Callable[[int], ContextManager[None]]) -> None:
         self.kit, self.skip, self.guard = kit, skip, guard
-        pad = getattr(kit.tokenizer, "pad_token_id", None)
-        self.recorder = BatchRecorder(kit.hook_points, stored, options["dtype"], pad if isinstance(pad, int) else 0)
-        self._plan = plan_batches(corpus, lambda text: tokenize(kit, text), context_size=options["context_size"],
-                                  batch_size=options["batch_size"], packed=options["packed"], max_tokens=options["max_tokens"])
+        self.recorder = recorder_for(kit, stored, options)  # rank 0's recorder and batches (run.py)
+        self._plan = batch_plan(kit, corpus, options)
 
     def run_to_end(self) -> None:
         self.recorder.arm()
@@ -114,14 +110,8 @@ def extract_model_parallel(
     complete, skip = 0, 0
     if r == 0:  # rank 0 alone owns the folder
         try:
-            manifest = existing_manifest(out, settings)
-            if manifest is None:
-                manifest = new_manifest(kit, stored, summary, settings)
-                create_store(out, manifest)
-            elif manifest["status"] == "complete":
-                complete = 1
-            else:
-                discard_uncommitted(out, manifest)
+            manifest = open_store(out, kit, stored, summary, settings)
+            complete = int(manifest["status"] == "complete")
             shards = manifest["shards"]
             skip = shards[-1]["batches_end"] if shards else 0
         except BaseException as exc:

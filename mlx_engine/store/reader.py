@@ -46,10 +46,14 @@ class RowsView:
 
     def _slice(self, start: int, stop: int) -> np.ndarray:
         pieces = []
-        for i, part in enumerate(self.parts):
+        # Only the shards the range overlaps are read (and, lazily, mapped).
+        first = max(0, int(np.searchsorted(self.offsets, start, side="right")) - 1)
+        for i in range(first, len(self.parts)):
             lo, hi = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
+            if self.offsets[i] >= stop:
+                break
             if lo < hi:
-                pieces.append(part[lo - self.offsets[i] : hi - self.offsets[i]])
+                pieces.append(self.parts[i][lo - self.offsets[i] : hi - self.offsets[i]])
         if not pieces:
             return self._convert(np.empty((0, *self.shape[1:]), self.parts[0].dtype if len(self.parts) else np.float32))
         return self._convert(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])

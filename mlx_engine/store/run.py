@@ -40,6 +40,18 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def batch_plan(kit: ModelKit, corpus: Corpus, options: dict[str, Any]) -> Iterator[Batch]:
+    """The deterministic batch stream of these settings: every rank of a job replays the same one."""
+    return plan_batches(corpus, lambda text: tokenize(kit, text), context_size=options["context_size"],
+                        batch_size=options["batch_size"], packed=options["packed"], max_tokens=options["max_tokens"])
+
+
+def recorder_for(kit: ModelKit, stored: list[StoredHook], options: dict[str, Any]) -> BatchRecorder:
+    """The recorder of these hooks, padding with the tokenizer's pad token (0 if it has none)."""
+    pad = getattr(kit.tokenizer, "pad_token_id", None)
+    return BatchRecorder(kit.hook_points, stored, options["dtype"], pad if isinstance(pad, int) else 0)
+
+
 class ExtractionRun:
     """One run (first or resumed) over the corpus into `out`, committing to `record`."""
 
@@ -65,18 +77,14 @@ class ExtractionRun:
         self._base = {k: timings[k] for k in TIMERS}
         self._compute = 0.0
         self._started = time.perf_counter()
-        pad = getattr(kit.tokenizer, "pad_token_id", None)
-        self.recorder = BatchRecorder(kit.hook_points, stored, options["dtype"], pad if isinstance(pad, int) else 0)
+        self.recorder = recorder_for(kit, stored, options)
         self._storage = np.uint16 if options["dtype"] == "bfloat16" else np.dtype(options["dtype"])
         self.recorder.arm()  # refuses a model busy with another session before any file is opened
         self.recorder.disarm()
         self.writer = StoreWriter(out, manifest, stored, states, dtype=options["dtype"], shard_rows=options["shard_tokens"],
                                   queue_size=queue_size, rank=rank, record=record, write_documents=rank == 0,
                                   on_commit=self._on_commit)
-        self._plan: Iterator[Batch] = plan_batches(
-            corpus, lambda text: tokenize(kit, text), context_size=options["context_size"], batch_size=options["batch_size"],
-            packed=options["packed"], max_tokens=options["max_tokens"],
-        )
+        self._plan = batch_plan(kit, corpus, options)
         self._bar: Optional[Any] = None
         if progress:
             from tqdm import tqdm
