@@ -12,6 +12,7 @@ import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache
 
+from . import cpu_parallel
 from .base import BlockHooks
 
 
@@ -57,8 +58,8 @@ def attend(
     """Attention over new queries/keys/values [B, H, T, D] (RoPE already applied).
 
     Calls the query/key/value/score/pattern/z hook points, updates the cache, and
-    computes attention fused (`mx.fast.scaled_dot_product_attention`) unless scores or
-    the pattern are armed, when it computes them explicitly so they can be captured.
+    computes attention fused (`mx.fast.scaled_dot_product_attention`, its rows spread over
+    the cores on the CPU backend: cpu_parallel.py) unless scores or the pattern are armed, when it computes them explicitly so they can be captured.
     Logit soft-capping (Gemma 2: `softcap * tanh(scores / softcap)`) has no fused kernel,
     so it always takes the explicit path. Returns [B, n_heads, T, D] before the output projection.
     """
@@ -73,7 +74,7 @@ def attend(
     if hooks.wants_explicit_attention or softcap is not None:
         out = _explicit_attention(queries, keys, values, hooks, cache, offset, n_new, scale, window, sinks, softcap)
     else:
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+        out = cpu_parallel.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     return hooks.z(out)
 
 
@@ -124,9 +125,10 @@ def _explicit_attention(
 
     if sinks is not None:
         sink_logits = mx.broadcast_to(sinks.astype(mx.float32)[None, :, None, None], (B, n_heads, T, 1))
-        probs = mx.softmax(mx.concatenate([scores, sink_logits], axis=-1), axis=-1, precise=True)[..., :-1]
+        with_sinks = mx.concatenate([scores, sink_logits], axis=-1)
+        probs = cpu_parallel.rowwise(lambda rows: mx.softmax(rows, axis=-1, precise=True), with_sinks)[..., :-1]
     else:
-        probs = mx.softmax(scores, axis=-1, precise=True)
+        probs = cpu_parallel.rowwise(lambda rows: mx.softmax(rows, axis=-1, precise=True), scores)
     probs = hooks.attention_pattern(probs, **context)
 
     v = values.astype(mx.float32)[:, :, None]
