@@ -84,3 +84,17 @@ def test_pattern_budget_counts_the_transient_attention_memory(kit: Any) -> None:
     with pytest.raises(mlx_engine.CaptureBudgetError):
         mlx_engine.create_generator_with_activations(kit, ids, last, max_tokens=1, capture_budget_bytes=estimate - 1)
     next(mlx_engine.create_generator_with_activations(kit, ids, last, max_tokens=1, capture_budget_bytes=estimate))
+
+
+def test_last_position_logits_are_the_last_row_of_every_positions_logits(kit: Any) -> None:
+    ids = mlx_engine.tokenize(kit, PROMPT)
+    hooks = [{"layer_name": 1, "component": "residual"}, {"layer_name": 1, "component": "attention_pattern"}]
+    every = mlx_engine.run_with_cache(kit, ids, hooks, prefill_step_size=16)
+    last = mlx_engine.run_with_cache(kit, ids, hooks, prefill_step_size=16, logits="last")
+    assert every.logits.shape == (len(ids), kit.arch_info.vocab_size)
+    assert last.logits.shape == (1, kit.arch_info.vocab_size)
+    np.testing.assert_allclose(as_np(last.logits[0]), as_np(every.logits[-1]), atol=1e-5, rtol=1e-5)  # the LM head on one row
+    for hook_id in every:
+        assert np.array_equal(as_np(last[hook_id]), as_np(every[hook_id])), hook_id  # the forward is the same
+    with pytest.raises(ValueError, match='logits must be "all"'):
+        mlx_engine.run_with_cache(kit, ids, hooks, logits="first")

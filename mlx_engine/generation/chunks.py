@@ -61,8 +61,18 @@ def _join(parts: list[Capture]) -> Capture:
 
 
 def join_chunks(captures: list[Capture], n_tokens: int) -> dict[str, Capture]:
-    """The captures of every chunk of one prompt pass, joined per hook id (in chunk order)."""
+    """The captures of every chunk of one prompt pass, joined per hook id (in chunk order).
+
+    Takes the chunks out of `captures` (the list is left empty) and joins one hook at a
+    time, evaluated before the next: the peak holds one hook's tensor twice, not them all.
+    """
     by_hook: dict[str, list[Capture]] = {}
     for c in captures:
         by_hook.setdefault(c.hook_id, []).append(c)
-    return {hook_id: _join(parts) for hook_id, parts in by_hook.items()}
+    captures.clear()
+    joined: dict[str, Capture] = {}
+    for hook_id in list(by_hook):
+        whole = _join(by_hook.pop(hook_id))
+        mx.eval(whole.array, list(whole.extras.values()))
+        joined[hook_id] = whole
+    return joined
