@@ -10,8 +10,10 @@ Contenders and modes:
   ours generate      create_generator, max_tokens=1: the chunked prefill a chat request runs
   ours none          run_with_cache with no hooks (chunked like generation)
   ours residuals     run_with_cache with every layer's residual
+  ours residuals_last  the same with logits="last" (the last position's logits only)
   ours pattern_last  run_with_cache with one layer's attention pattern at the last position only
-  transformers none / residuals (output_hidden_states) / pattern_last (output_attentions,
+  transformers none / residuals (output_hidden_states) / residuals_last (and logits_to_keep=1) /
+                     pattern_last (output_attentions,
                      eager attention: transformers returns every layer's full pattern)
 Each process warms up on a 16-token prompt first and reports the median of `--repeats`
 timed runs. results.json and RESULTS-long-prompts.md (written from it by
@@ -41,8 +43,8 @@ SPEC = ModelSpec("llama-125m-f32", "llama-125m", "float32")
 LENGTHS = (512, 1024, 2048, 4096, 8192)
 PATTERN_LAYER = 5
 MODES = {
-    "ours": ("generate", "none", "residuals", "pattern_last"),
-    "transformers": ("none", "residuals", "pattern_last"),
+    "ours": ("generate", "none", "residuals", "residuals_last", "pattern_last"),
+    "transformers": ("none", "residuals", "residuals_last", "pattern_last"),
 }
 
 
@@ -62,6 +64,7 @@ def _ours(folder: Path, mode: str, n: int) -> Callable[[list[int]], None]:
     hooks: list[Any] = {
         "none": [],
         "residuals": [{"layer_name": i, "component": "residual"} for i in range(layers)],
+        "residuals_last": [{"layer_name": i, "component": "residual"} for i in range(layers)],
         "pattern_last": [{"layer_name": PATTERN_LAYER, "component": "attention_pattern", "positions": "last"}],
     }.get(mode, [])
 
@@ -70,7 +73,7 @@ def _ours(folder: Path, mode: str, n: int) -> Callable[[list[int]], None]:
             for _ in mlx_engine.create_generator(kit, prompt, max_tokens=1):
                 pass
             return
-        cache = mlx_engine.run_with_cache(kit, prompt, hooks)
+        cache = mlx_engine.run_with_cache(kit, prompt, hooks, logits="last" if mode == "residuals_last" else "all")
         mx.eval(cache.logits, *[c.array for c in cache.activations.values()])
 
     return run
@@ -87,7 +90,8 @@ def _transformers(folder: Path, mode: str, n: int) -> Callable[[list[int]], None
     def run(prompt: list[int]) -> None:
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            out = model(ids, output_hidden_states=mode == "residuals", output_attentions=mode == "pattern_last")
+            out = model(ids, output_hidden_states=mode.startswith("residuals"), output_attentions=mode == "pattern_last",
+                        logits_to_keep=1 if mode == "residuals_last" else 0)
         if mode == "pattern_last":
             _ = out.attentions[PATTERN_LAYER][0, :, -1].clone()
 
@@ -154,17 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.out / time.strftime("long-prompts-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=False)
     rows = []
+    load_samples = []  # the 1-minute load average as each measurement starts
+    load_start = os.getloadavg()
     for n in args.lengths:
         for contender, modes in MODES.items():
             for mode in modes:
                 where = mlx_dir if contender == "ours" else tf_dir
+                load_samples.append(os.getloadavg()[0])
                 row = _spawn(contender, where, mode, n, args.repeats, vocab, args.timeout)
                 rows.append(row)
                 shown = row.get("error") or f"{row['seconds']:.2f} s, peak {row['peak_rss'] / 2**30:.2f} GiB"
                 print(f"{n:>5} tokens  {contender:<12} {mode:<12} {shown}", flush=True)
                 (folder / "partial.json").write_text(json.dumps({"model": SPEC.label, "rows": rows}, indent=1))
     results = {"model": SPEC.label, "command": "python -m benchmarks.long_prompts " + " ".join(argv or sys.argv[1:]),
-               "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_end": os.getloadavg(),
+               "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": load_start,
+               "load_average_end": os.getloadavg(), "load_average_samples": load_samples,
                "machine": machine_summary(), "versions": versions(), "rows": rows}
     if args.ops:
         results["ops"] = _ops_child(args.ops, args.timeout)

@@ -5,7 +5,8 @@
 A standalone reproduction for MLX's CPU backend: each op of a decoder layer (the four
 attention projections, the three MLP projections, RMS norm, RoPE, causal attention through
 `mx.fast.scaled_dot_product_attention` and written out as matmul + softmax) timed alone on
-the prompt's shapes, float32, against the torch op a transformers prefill runs. The sum over
+the prompt's shapes, float32, against the torch op a transformers prefill runs, and attention
+as our prefill runs it (mlx_engine/models/cpu_parallel.py). The sum over
 a layer's ops, times the layer count, is set beside a whole prefill, so each op's share of
 the gap is visible. Ops alternate between the two libraries so that a busy machine slows
 both alike; each figure is the median of `--repeats`.
@@ -27,6 +28,7 @@ import numpy as np
 
 # llama-125m (mlx_engine/tools/synth): d_model 768, 12 heads of 64, d_mlp 3072, 12 layers.
 D, HEADS, HEAD_DIM, D_MLP, LAYERS = 768, 12, 64, 3072, 12
+ATTENTION_AS_RUN = "attention as each prefill runs it (ours: 512-query chunks, rows over one CPU stream per core; torch: one causal sdpa)"
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -89,6 +91,15 @@ def _ops(t: int) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
             outs.append(mx.fast.scaled_dot_product_attention(q_m[:, :, i:j], k_m[:, :, :j], v_m[:, :, :j], scale=scale, mask=mask))
         return mx.eval(*outs)
 
+    def ours_m() -> Any:
+        from mlx_engine.models import cpu_parallel
+
+        outs = []
+        for i in range(0, t, chunk):
+            j = min(t, i + chunk)
+            outs.append(cpu_parallel.scaled_dot_product_attention(q_m[:, :, i:j], k_m[:, :, :j], v_m[:, :, :j], scale=scale, mask="causal"))
+        return mx.eval(*outs)
+
     def chunked_t() -> Any:
         for i in range(0, t, chunk):
             j = min(t, i + chunk)
@@ -102,7 +113,9 @@ def _ops(t: int) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     return {
         **softmax_ops,
         "exp over t x d_mlp (the transcendental alone)": (lambda: ev(mx.exp(h_m)), lambda: torch.exp(h_t)),
-        "attention, sdpa in 512-query chunks (our prefill)": (chunked_m, chunked_t),
+        "attention, sdpa in 512-query chunks": (chunked_m, chunked_t),
+        # Each library's prefill: ours in 512-query chunks through cpu_parallel, transformers' one causal sdpa call.
+        ATTENTION_AS_RUN: (ours_m, lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True)),
         "projection d->d (x4 per layer)": (lambda: ev(x_m @ wq_m.T), lambda: x_t @ wq_t.T),
         "mlp up d->d_mlp (x2 per layer)": (lambda: ev(x_m @ wup_m.T), lambda: x_t @ wup_t.T),
         "mlp down d_mlp->d": (lambda: ev(h_m @ wdown_m.T), lambda: h_t @ wdown_t.T),
@@ -119,7 +132,7 @@ def _ops(t: int) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
 
 
 PER_LAYER = {"projection d->d (x4 per layer)": 4, "mlp up d->d_mlp (x2 per layer)": 2, "mlp down d_mlp->d": 1,
-             "silu * up": 1, "rms norm (x2 per layer)": 2, "rope q (x2 per layer: q, k)": 2, "attention, fused sdpa causal": 1}
+             "silu * up": 1, "rms norm (x2 per layer)": 2, "rope q (x2 per layer: q, k)": 2, ATTENTION_AS_RUN: 1}
 
 
 def measure(t: int, repeats: int) -> dict[str, Any]:

@@ -37,4 +37,4 @@ def test_long_prompt_table_shows_each_measurement_and_the_ratios() -> None:
     ]
     table = long_prompts.table(rows).splitlines()
     assert len(table) == 3
-    assert "2.00 (1.00)" in table[2] and "failed" in table[2] and "| 2.00x |" in table[2] and table[2].endswith("n/a |")
+    assert "2.00 (1.00)" in table[2] and "failed" in table[2] and "| 2.00x |" in table[2] and table[2].endswith("n/a | n/a |")
