@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .checkpoints import ModelSpec, ensure_synth, export_for_transformers
 from .long_prompts_report import table, write_long_prompt_report  # noqa: F401  (table: the rows as Markdown)
@@ -121,11 +121,13 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spawn(contender: str, folder: Path, mode: str, n: int, repeats: int, vocab: int, timeout: float) -> dict[str, Any]:
+def measure_in_child(contender: str, folder: Path, mode: str, n: int, repeats: int, vocab: int, timeout: float,
+                     env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """measure_one in a fresh process (its own peak memory), under `env` if given."""
     cmd = [sys.executable, "-m", "benchmarks.long_prompts", "--child", contender, str(folder), mode, str(n),
            "--repeats", str(repeats), "--vocab", str(vocab)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"contender": contender, "mode": mode, "tokens": n, "error": f"over {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 where = mlx_dir if contender == "ours" else tf_dir
                 load_samples.append(os.getloadavg()[0])
-                row = _spawn(contender, where, mode, n, args.repeats, vocab, args.timeout)
+                row = measure_in_child(contender, where, mode, n, args.repeats, vocab, args.timeout)
                 rows.append(row)
                 shown = row.get("error") or f"{row['seconds']:.2f} s, peak {row['peak_rss'] / 2**30:.2f} GiB"
                 print(f"{n:>5} tokens  {contender:<12} {mode:<12} {shown}", flush=True)

@@ -10,26 +10,11 @@ import subprocess
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-OPENBLAS_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib64/libopenblas.so.0",
-)
-
-
-def find_openblas() -> Optional[str]:
-    """Debian's `libopenblas0-pthread` (or the distribution's equivalent), if installed."""
-    explicit = os.environ.get("MLX_ENGINE_OPENBLAS")
-    for path in ((explicit,) if explicit else ()) + OPENBLAS_CANDIDATES:
-        if path and Path(path).exists():
-            return path
-    return None
+from mlx_engine.blas import find_openblas  # noqa: F401  (where the engine looks is where the benchmarks look)
 
 
 def machine_summary() -> dict[str, Any]:

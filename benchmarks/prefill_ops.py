@@ -153,16 +153,19 @@ def measure(t: int, repeats: int) -> dict[str, Any]:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    names = list(results[0]["ops"])
+    names = list(dict.fromkeys(name for r in results for name in r["ops"]))  # the softmax alone is skipped past 4096
     lines = ["| op | " + " | ".join(f"{r['tokens']} tok: MLX ms / torch ms (ratio, share of MLX layer)" for r in results) + " |",
              "|" + "---|" * (len(results) + 1)]
     for name in names:
         cells = []
         for r in results:
-            o = r["ops"][name]
+            o = r["ops"].get(name)
+            if o is None:
+                cells.append("not run at this length")
+                continue
             share = r["mlx_share"].get(name)
             cells.append(f"{o['mlx_s'] * 1e3:.1f} / {o['torch_s'] * 1e3:.1f} ({o['ratio']:.2f}x"
-                         + (f", {share:.0%})" if share is not None else ", not in the fused layer)"))
+                         + (f", {share:.0%})" if share is not None else ", not in the layer sum)"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| one layer's ops, summed | " + " | ".join(
         f"{r['layer_mlx_s'] * 1e3:.0f} / {r['layer_torch_s'] * 1e3:.0f} ({r['layer_mlx_s'] / r['layer_torch_s']:.2f}x)" for r in results) + " |")
