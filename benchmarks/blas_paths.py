@@ -1,6 +1,6 @@
 """Which BLAS a fresh Linux install gets, and how fast: prefill with nothing set, with OpenBLAS preloaded, opted out.
 
-    python -m benchmarks.blas_paths [--lengths 512 2048] [--repeats 3]
+    python -m benchmarks.blas_paths [--lengths 512] [--repeats 3]
 
 `import mlx_engine` loads the system OpenBLAS before MLX by itself (mlx_engine/blas.py).
 This measures whether that is as fast as preloading it by hand: one fresh process per
@@ -86,7 +86,7 @@ def report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.blas_paths", description=__doc__.split("\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--lengths", type=int, nargs="+", default=[512], help="prompt lengths (the reference BLAS takes about 26 s per 512-token prefill here)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path("benchmarks/.cache"), help="where the checkpoint is written")
     p.add_argument("--out", type=Path, default=Path("benchmarks/.cache/runs"), help="a new timestamped folder is made here")

@@ -53,7 +53,7 @@ def _ops_section(ops: Any) -> list[str]:
     from .prefill_ops import ATTENTION_AS_RUN, markdown
 
     lines = ["## The ops of one layer, MLX against torch", "",
-             "`benchmarks/prefill_ops.py`, in the same run: each op of one llama-125m layer alone on the prompt's shapes "
+             "`benchmarks/prefill_ops.py`, in the same run (unless the note below says otherwise): each op of one llama-125m layer alone on the prompt's shapes "
              "(float32), MLX against the torch op a transformers prefill runs; the share is of the MLX layer's summed ops, "
              "with attention as each prefill runs it.", "", markdown(ops), ""]
     last = ops[-1]
@@ -97,6 +97,8 @@ def write_long_prompt_report(r: dict[str, Any], path: Path) -> None:
     if failed:
         lines.append("")
     lines += _ops_section(r.get("ops"))
+    if r.get("ops_note"):
+        lines += [f"Note on the op table: {r['ops_note']}", ""]
     samples = r.get("load_average_samples")
     lines += ["## Machine", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in r["machine"].items()],
               f"| load average at start | {r.get('load_average_start')} |",
@@ -104,7 +106,9 @@ def write_long_prompt_report(r: dict[str, Any], path: Path) -> None:
     if samples:
         lines.append(f"| load average (1 min) during the run | {min(samples):.2f} to {max(samples):.2f} over {len(samples)} samples |")
     lines += [*[f"| {k} | {v} |" for k, v in r["versions"].items()], ""]
-    if samples and max(samples) > 1.5:
-        lines += ["Other work shared the two cores during this run (the load average above), so single cells, the short "
-                  "prompts most, carry that noise; the growth with length is the reading to take.", ""]
+    if samples:
+        lines += ["The 1-minute load average counts the measured process itself, which keeps at least two threads busy "
+                  f"(BLAS, and one CPU stream per core in our attention), so on this {r['machine'].get('CPU(s)', '?')}-core "
+                  "machine about 2 is the benchmark alone; a single cell, the short prompts most, still carries whatever "
+                  "else ran.", ""]
     path.write_text("\n".join(lines))

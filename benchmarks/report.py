@@ -327,15 +327,17 @@ def _openblas_howto(r: dict[str, Any]) -> list[str]:
         "## OpenBLAS on Linux (how to)",
         "",
         "The `mlx[cpu]` wheel links a bundled reference BLAS. Debian/Ubuntu's OpenBLAS exports the same CBLAS symbols, "
-        "so preloading it makes MLX's float32 matrix products use it, with no rebuild:",
+        "and `import mlx_engine` loads it before MLX when it is installed, so MLX's float32 matrix products use it "
+        "with nothing preloaded (`MLX_ENGINE_NO_OPENBLAS=1` opts out; `MLX_ENGINE_OPENBLAS` names another library):",
         "",
         "```sh",
         "sudo apt-get install libopenblas0-pthread",
-        "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 mlx-engine serve --model ...",
-        "# the benchmark finds it there, or where MLX_ENGINE_OPENBLAS points",
+        "mlx-engine serve --model ...   # OpenBLAS, found by mlx_engine/blas.py",
         "```",
         "",
-        "It helps float32 checkpoints (see the kernel table); float16, bfloat16 and quantized models do not use BLAS in MLX's CPU backend.",
+        "The rows marked `LD_PRELOAD=OpenBLAS` above preload it by hand; `benchmarks/RESULTS-blas-paths.md` sets the "
+        "default path (nothing set) beside it. It helps float32 checkpoints (see the kernel table); float16, bfloat16 "
+        "and quantized models do not use BLAS in MLX's CPU backend.",
         "",
     ]
 
@@ -401,6 +403,8 @@ def write_report(r: dict[str, Any], path: Path) -> None:
               "Each writes its own generated report beside this one, from its own run:", "",
               "- `RESULTS-long-prompts.md`: prefill seconds and peak memory at 512 to 8192 prompt tokens against "
               "transformers, and the ops of one layer in MLX against torch (`python -m benchmarks.long_prompts`).",
+              "- `RESULTS-blas-paths.md`: prefill with nothing set (mlx_engine loads OpenBLAS itself) against OpenBLAS "
+              "preloaded by hand and the bundled reference BLAS (`python -m benchmarks.blas_paths`).",
               "- `RESULTS-research.md`: corpus extraction tokens/s against hooks-off prefill, a run_with_cache loop, "
               "transformers and TransformerLens, peak memory against corpus size and 2 data-parallel ranks "
               "(`python -m benchmarks.extraction`); the neuron analyses' seconds and peak memory on a store of 1024 "
