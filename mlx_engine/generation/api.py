@@ -9,7 +9,7 @@ request fails without generating.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -142,7 +142,7 @@ def run_with_cache(
     interventions: Optional[Iterable[InterventionRequest]] = None,
     sources: Optional[Mapping[str, Any]] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
-    logits: str = "all",
+    logits: Literal["all", "last"] = "all",
 ) -> ActivationCache:
     """Run the prompt once (no generation) and return every requested hook's tensor.
 

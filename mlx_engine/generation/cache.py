@@ -18,7 +18,10 @@ from ..hooks.capture import Capture, mlx_to_numpy
 
 
 class ActivationCache(Mapping):
-    """One forward pass over a prompt: its logits ([T, vocab], or [1, vocab] for the last position alone) and each hook's capture."""
+    """One forward pass over a prompt: its logits and each hook's capture.
+
+    `logits` is [T, vocab], or [1, vocab] when run_with_cache was asked for the last position's alone.
+    """
 
     def __init__(self, tokens: list[int], logits: mx.array, activations: dict[str, Capture], aliases: dict[str, str]) -> None:
         self.tokens = tokens
