@@ -26,7 +26,7 @@ from typing import Any
 
 from .checkpoints import ensure_synth
 from .long_prompts import SPEC, measure_in_child
-from .machine import find_openblas, machine_summary, versions
+from .machine import find_openblas, machine_summary, machine_table, versions
 
 
 def environments(openblas: str) -> dict[str, dict[str, str]]:
@@ -78,9 +78,8 @@ def report(r: dict[str, Any]) -> str:
     for row in r["rows"]:
         if "error" in row:
             lines.append(f"- {row['path']} at {row['tokens']} tokens failed: `{row['error'].strip()[-300:]}`")
-    lines += ["## Machine", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in r["machine"].items()],
-              f"| load average at start | {r['load_average_start']} |", f"| load average at end | {r['load_average_end']} |",
-              *[f"| {k} | {v} |" for k, v in r["versions"].items()], ""]
+    lines += machine_table(r, f"| load average at start | {r['load_average_start']} |",
+                           f"| load average at end | {r['load_average_end']} |")
     return "\n".join(lines)
 
 

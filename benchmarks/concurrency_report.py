@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from .machine import machine_table
+
 
 def _cell(row: Optional[dict[str, Any]]) -> str:
     if row is None:
@@ -91,9 +93,8 @@ def write_concurrency_report(r: dict[str, Any], path: Path) -> None:
     lines.append("")
     lines += _ttft_lines(r.get("ttft", []))
     lines += _load_lines(r)
-    lines += ["## Machine", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in r["machine"].items()],
-              f"| load average before the run | {r.get('load_average_start', 'not recorded')} |",
-              f"| load average at end | {r.get('load_average_end')} |", *[f"| {k} | {v} |" for k, v in r["versions"].items()], ""]
+    lines += machine_table(r, f"| load average before the run | {r.get('load_average_start', 'not recorded')} |",
+                           f"| load average at end | {r.get('load_average_end')} |")
     path.write_text("\n".join(lines))
 
 

@@ -60,11 +60,11 @@ def _ours(folder: Path, mode: str, n: int) -> Callable[[list[int]], None]:
     import mlx_engine
 
     kit = mlx_engine.load_model(folder)
-    layers = kit.arch_info.num_layers
+    residuals = [{"layer_name": i, "component": "residual"} for i in range(kit.arch_info.num_layers)]
     hooks: list[Any] = {
         "none": [],
-        "residuals": [{"layer_name": i, "component": "residual"} for i in range(layers)],
-        "residuals_last": [{"layer_name": i, "component": "residual"} for i in range(layers)],
+        "residuals": residuals,
+        "residuals_last": residuals,
         "pattern_last": [{"layer_name": PATTERN_LAYER, "component": "attention_pattern", "positions": "last"}],
     }.get(mode, [])
 

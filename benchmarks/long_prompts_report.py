@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .machine import machine_table
+
 
 def table(rows: list[dict[str, Any]]) -> str:
     """One line per length: each measurement's seconds and peak RSS, and ours over transformers."""
@@ -100,12 +102,10 @@ def write_long_prompt_report(r: dict[str, Any], path: Path) -> None:
     if r.get("ops_note"):
         lines += [f"Note on the op table: {r['ops_note']}", ""]
     samples = r.get("load_average_samples")
-    lines += ["## Machine", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in r["machine"].items()],
-              f"| load average at start | {r.get('load_average_start')} |",
-              f"| load average at end | {r.get('load_average_end')} |"]
-    if samples:
-        lines.append(f"| load average (1 min) during the run | {min(samples):.2f} to {max(samples):.2f} over {len(samples)} samples |")
-    lines += [*[f"| {k} | {v} |" for k, v in r["versions"].items()], ""]
+    during = [f"| load average (1 min) during the run | {min(samples):.2f} to {max(samples):.2f} over {len(samples)} samples |"
+              ] if samples else []
+    lines += machine_table(r, f"| load average at start | {r.get('load_average_start')} |",
+                           f"| load average at end | {r.get('load_average_end')} |", *during)
     if samples:
         lines += ["The 1-minute load average counts the measured process itself, which keeps at least two threads busy "
                   f"(BLAS, and one CPU stream per core in our attention), so on this {r['machine'].get('CPU(s)', '?')}-core "

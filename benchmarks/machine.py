@@ -17,6 +17,12 @@ import numpy as np
 from mlx_engine.blas import find_openblas  # noqa: F401  (where the engine looks is where the benchmarks look)
 
 
+def machine_table(r: dict[str, Any], *load_rows: str) -> list[str]:
+    """The "## Machine" section of a generated report: the machine, then `load_rows` (already "| k | v |"), then the versions."""
+    return ["## Machine", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in r["machine"].items()], *load_rows,
+            *[f"| {k} | {v} |" for k, v in r["versions"].items()], ""]
+
+
 def machine_summary() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
     try:

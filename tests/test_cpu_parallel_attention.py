@@ -30,6 +30,12 @@ def _qkv(heads: int, kv_heads: int, rows: int, keys: int, dim: int = 32) -> tupl
     return q, k, v
 
 
+def _worth_splitting(queries: mx.array, n_keys: int) -> bool:
+    """The split's own test for an attention call of these queries over n_keys keys."""
+    n_heads, n_rows = queries.shape[1], queries.shape[2]
+    return cpu_parallel._worth_splitting(n_rows, n_heads * n_rows * n_keys)
+
+
 def _windowed_mask(rows: int, keys: int, window: int) -> mx.array:
     query = mx.arange(keys - rows, keys)[:, None]
     key = mx.arange(keys)[None, :]
@@ -60,7 +66,7 @@ def test_split_attention_equals_the_one_stream_kernel(two_streams: None, case: s
         mask = mx.stack([causal, causal & (mx.arange(keys) >= 40)[None, :]])[:, None]  # row 1 left-padded by 40
         q, k, v = (mx.concatenate([a, a * 0.5]) for a in (q, k, v))
     sink = mx.array(np.linspace(-1.0, 2.0, 8).astype(np.float32)) if sinks else None
-    assert cpu_parallel._worth_splitting(q, keys), "the case must be large enough to be split"
+    assert _worth_splitting(q, keys), "the case must be large enough to be split"
     split = cpu_parallel.scaled_dot_product_attention(q, k, v, scale=0.17, mask=mask, sinks=sink)
     whole = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.17, mask=mask, sinks=sink)
     assert split.shape == whole.shape
@@ -88,14 +94,14 @@ def test_the_split_is_off_for_one_stream_a_decode_step_and_small_chunks(monkeypa
     cpu_parallel.cpu_streams.cache_clear()
     try:
         assert cpu_parallel.cpu_streams() == ()
-        assert not cpu_parallel._worth_splitting(_qkv(8, 2, 512, 512)[0], 512)
+        assert not _worth_splitting(_qkv(8, 2, 512, 512)[0], 512)
     finally:
         cpu_parallel.cpu_streams.cache_clear()
     monkeypatch.setenv(cpu_parallel.STREAMS_VARIABLE, "2")
     cpu_parallel.cpu_streams.cache_clear()
     try:
-        assert not cpu_parallel._worth_splitting(_qkv(8, 2, 1, 4096)[0], 4096)  # one new token
-        assert not cpu_parallel._worth_splitting(_qkv(4, 2, 32, 32)[0], 32)
+        assert not _worth_splitting(_qkv(8, 2, 1, 4096)[0], 4096)  # one new token
+        assert not _worth_splitting(_qkv(4, 2, 32, 32)[0], 32)
     finally:
         cpu_parallel.cpu_streams.cache_clear()
 
@@ -134,7 +140,7 @@ def test_a_long_prompt_through_split_attention_matches_transformers(
     kit = mlx_engine.load_model(path)
     reference = tc.load_reference(path, cls_name)
     ids = [int(t) for t in np.random.default_rng(1).integers(3, kit.arch_info.vocab_size, size=300)]
-    assert cpu_parallel._worth_splitting(mx.zeros((1, kit.arch_info.n_heads, len(ids), 1)), len(ids))
+    assert _worth_splitting(mx.zeros((1, kit.arch_info.n_heads, len(ids), 1)), len(ids))
     with torch.no_grad():
         out = reference(torch.tensor([ids]), output_attentions=True)
     expected = out.logits[0].numpy()

@@ -57,9 +57,9 @@ def cpu_streams() -> tuple[mx.Stream, ...]:
     return tuple(mx.new_stream(mx.cpu) for _ in range(count))
 
 
-def _worth_splitting(queries: mx.array, n_keys: int) -> bool:
-    n_heads, n_rows = queries.shape[1], queries.shape[2]
-    if n_rows < 2 or n_heads * n_rows * n_keys < MIN_CELLS:
+def _worth_splitting(n_rows: int, n_cells: int) -> bool:
+    """Rows to spread, enough work to pay for it, and a CPU backend with streams to spread it over."""
+    if n_rows < 2 or n_cells < MIN_CELLS:
         return False
     return mx.default_device() == mx.cpu and len(cpu_streams()) > 1
 
@@ -81,20 +81,21 @@ def _assign(loads: list[int], n_streams: int) -> tuple[list[int], int]:
     return chosen, max(totals)
 
 
-def _causal_plan(n_rows: int, n_keys: int, n_streams: int, causal: bool) -> list[tuple[int, int, int, int]]:
-    """(first row, end row, keys read, stream) per block.
+@lru_cache(maxsize=256)
+def _causal_plan(n_rows: int, n_keys: int, n_streams: int, causal: bool) -> tuple[tuple[int, int, int, int], ...]:
+    """(first row, end row, keys read, stream) per block; made once per chunk shape, not per layer.
 
     Every block costs a few ops, so the fewest blocks win, as long as the busiest stream
     carries at most 10% more than an even share: a causal chunk's last rows read more keys
     than its first, so a chunk over few earlier keys needs more, smaller blocks to even out.
     """
-    plan: list[tuple[int, int, int, int]] = []
+    plan: tuple[tuple[int, int, int, int], ...] = ()
     for per_stream in (1, 2, 4):
         blocks = _blocks_of(n_rows, n_streams, per_stream)
         spans = [n_keys - (n_rows - end) if causal else n_keys for _, end in blocks]
         loads = [(end - start) * span for (start, end), span in zip(blocks, spans)]
         chosen, busiest = _assign(loads, n_streams)
-        plan = [(start, end, span, s) for (start, end), span, s in zip(blocks, spans, chosen)]
+        plan = tuple((start, end, span, s) for (start, end), span, s in zip(blocks, spans, chosen))
         if busiest <= 1.1 * sum(loads) / n_streams:
             break
     return plan
@@ -116,7 +117,7 @@ def scaled_dot_product_attention(
     the block's rows and keeps every key column.
     """
     n_rows, n_keys = queries.shape[2], keys.shape[2]
-    if not _worth_splitting(queries, n_keys):
+    if not _worth_splitting(n_rows, queries.shape[1] * n_rows * n_keys):
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     streams = cpu_streams()
     causal = isinstance(mask, str) and mask == "causal"
@@ -141,7 +142,7 @@ def rowwise(fn: Callable[[mx.array], mx.array], x: mx.array, axis: int = 2) -> m
     its keys needs no other row.
     """
     n_rows = x.shape[axis]
-    if x.ndim < 3 or x.size < MIN_CELLS or n_rows < 2 or mx.default_device() != mx.cpu or len(cpu_streams()) < 2:
+    if x.ndim < 3 or not _worth_splitting(n_rows, x.size):
         return fn(x)
     streams = cpu_streams()
     outs = []

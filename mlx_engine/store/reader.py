@@ -28,12 +28,11 @@ class RowsView:
     return numpy arrays (bfloat16 widened to float32); `.parts[i]` is shard i's raw memory-mapped array.
     """
 
-    def __init__(self, parts: Union[list[np.ndarray], ShardTensor], dtype: str) -> None:
+    def __init__(self, parts: ShardTensor, dtype: str) -> None:
         self.parts = parts
         self.stored_dtype = dtype
-        # A ShardTensor knows each shard's rows from the manifest: no shard is mapped to count them.
-        lengths = parts.rows if isinstance(parts, ShardTensor) else [len(p) for p in parts]
-        self.offsets = np.cumsum([0] + list(lengths))
+        # Each shard's rows come from the manifest: no shard is mapped to count them.
+        self.offsets = np.cumsum([0] + list(parts.rows))
         tail = parts[0].shape[1:] if len(parts) else ()
         self.shape = (int(self.offsets[-1]), *tail)
         self.dtype = np.dtype(np.float32) if dtype == "bfloat16" else (parts[0].dtype if len(parts) else np.dtype(np.float32))
